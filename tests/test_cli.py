@@ -1,0 +1,113 @@
+"""`python -m mlx_kvcache.generate`: the main job, and one clear line with a
+non-zero exit for every kind of bad input (never a traceback)."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import tiny_model, write_gguf
+
+GPL = "/usr/share/common-licenses/GPL-3"
+
+
+def run_cli(*args, env=None, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_kvcache.generate", *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})},
+        input=stdin, timeout=300,
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_answers_and_writes_stats(tmp_path):
+    stats_path = tmp_path / "stats.json"
+    result = run_cli("--policy", "full", "--prompt", "What is the capital of France?",
+                     "--max-tokens", "12", "--stats-json", str(stats_path))
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "[full] prompt" in result.stderr
+    stats = json.loads(stats_path.read_text())
+    assert set(stats) == {"model", "policy", "prompt_tokens", "generated_tokens",
+                          "prefill_s", "prefill_tok_per_s", "decode_tok_per_s",
+                          "kv_bytes", "peak_memory_bytes"}
+    assert stats["model"].endswith(".gguf") and stats["policy"] == "full"
+    assert stats["prompt_tokens"] > 10 and 1 <= stats["generated_tokens"] <= 12
+    assert stats["prefill_s"] > 0 and stats["prefill_tok_per_s"] > 0
+    # 30 layers x 3 KV heads x 64 dims x K and V x float32, in 256-token blocks.
+    assert stats["kv_bytes"] == 30 * 2 * 3 * 64 * 4 * 256
+    assert stats["peak_memory_bytes"] > stats["kv_bytes"]
+
+
+def test_prompt_from_stdin_without_chat_template():
+    result = run_cli("--prompt", "-", "--ignore-chat-template", "--max-tokens", "3",
+                     stdin="The capital of France is")
+    assert result.returncode == 0, result.stderr
+    # As in mlx-lm, the streamed text drops the first token's leading space.
+    assert result.stdout.startswith("Paris")
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    whole = write_gguf(root / "tiny.gguf", tiny_model("qwen3"))
+    data = whole.read_bytes()
+    (root / "truncated.gguf").write_bytes(data[: len(data) // 2])
+    (root / "corrupt.gguf").write_bytes(b"GGUF" + os.urandom(4092))
+    q4k = bytearray(data)
+    name = b"blk.0.attn_q.weight"
+    at = q4k.index(name) + len(name)
+    struct.pack_into("<I", q4k, at + 4 + 8 * struct.unpack_from("<I", q4k, at)[0], 12)
+    (root / "q4k.gguf").write_bytes(bytes(q4k))
+    write_gguf(root / "gpt2.gguf", tiny_model("qwen3"), architecture="gpt2")
+    (root / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    with open(GPL) as f:
+        (root / "long.txt").write_text(f.read() * 2)
+    return root
+
+
+@pytest.mark.parametrize("case, args, fragments", [
+    ("missing path", ["--model", "/nonexistent/model.gguf"], ["no such file"]),
+    ("unknown alias", ["--model", "lama3"], ["unknown model 'lama3'", "llama3"]),
+    ("corrupt gguf", ["--model", "{bad}/corrupt.gguf"], ["corrupt GGUF"]),
+    ("truncated gguf", ["--model", "{bad}/truncated.gguf"], ["truncated GGUF"]),
+    ("unsupported quant", ["--model", "{bad}/q4k.gguf"], ["Q4_K"]),
+    ("unsupported arch", ["--model", "{bad}/gpt2.gguf"], ["unsupported architecture 'gpt2'"]),
+    ("empty prompt", ["--prompt", "  "], ["prompt is empty"]),
+    ("no prompt", [], ["no prompt"]),
+    ("prompt too long", ["--prompt-file", "{bad}/long.txt"],
+     ["the prompt is", "context is 8192 tokens"]),
+    ("missing prompt file", ["--prompt-file", "{bad}/nope.txt"], ["cannot read prompt file"]),
+    ("binary prompt file", ["--prompt-file", "{bad}/binary.txt"], ["cannot read prompt file"]),
+    ("prompt file is a directory", ["--prompt-file", "{bad}"], ["cannot read prompt file"]),
+    ("non-numeric max tokens", ["--max-tokens", "many"], ["--max-tokens", "not a number"]),
+    ("zero max tokens", ["--max-tokens", "0"], ["--max-tokens", "must be >= 1"]),
+    ("negative temp", ["--temp", "-1"], ["--temp"]),
+    ("top-p above one", ["--top-p", "1.5"], ["--top-p", "must be <= 1.0"]),
+    ("unknown policy", ["--policy", "lru"], ["--policy", "invalid choice"]),
+    ("stats in missing dir", ["--stats-json", "/nonexistent/dir/s.json"], ["cannot write"]),
+])
+def test_bad_input_gets_one_line(bad_files, case, args, fragments):
+    args = [a.replace("{bad}", str(bad_files)) for a in args]
+    if "--prompt" not in args and "--prompt-file" not in args and case != "no prompt":
+        args += ["--prompt", "hello"]
+    assert_one_line_error(run_cli(*args, "--max-tokens", "2") if "--max-tokens" not in args
+                          else run_cli(*args), *fragments)
+
+
+def test_hub_unreachable_says_so(tmp_path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path),
+           "HF_HUB_OFFLINE": "0"}
+    result = run_cli("--model", "mlx-community/Qwen3-4B-4bit", "--prompt", "hi", env=env)
+    assert_one_line_error(result, "cannot reach the Hugging Face hub", "--model PATH")
