@@ -222,8 +222,10 @@ def setup_arg_parser():
     parser.add_argument("--temp", type=_number(float, 0.0), default=0.0)
     parser.add_argument("--top-p", type=_number(float, 0.0, 1.0), default=1.0)
     parser.add_argument("--seed", type=_number(int, 0), default=None)
-    parser.add_argument("--policy", default="full", choices=sorted(POLICIES),
-                        help="KV-cache policy")
+    parser.add_argument("--policy", default=None, choices=sorted(POLICIES),
+                        help="KV-cache policy (default: full)")
+    parser.add_argument("--max-kv-size", type=_number(int, 1), default=None,
+                        help="mlx-lm's flag: the same as --policy streaming --budget N")
     parser.add_argument("--prefill-step-size", type=_number(int, 1),
                         default=DEFAULT_PREFILL_STEP, help="prompt tokens per prefill chunk")
     parser.add_argument("--keep-quantized", action="store_true",
@@ -288,9 +290,22 @@ def _progress_bar(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+def _resolve_max_kv_size(args) -> None:
+    if args.max_kv_size is None:
+        args.policy = args.policy or "full"
+        return
+    if args.policy not in (None, "streaming"):
+        raise UserError(f"--max-kv-size means --policy streaming; it cannot go with "
+                        f"--policy {args.policy} (use --budget)")
+    if args.budget is not None and args.budget != args.max_kv_size:
+        raise UserError("give --max-kv-size or --budget, not both")
+    args.policy, args.budget = "streaming", args.max_kv_size
+
+
 def run(args) -> None:
     from mlx_kvcache.loading import load
 
+    _resolve_max_kv_size(args)
     policy_flags = {
         name: getattr(args, name) for name in args.policy_flags
         if getattr(args, name) is not None
@@ -348,6 +363,12 @@ def run(args) -> None:
         f" | peak memory {response.peak_memory / 2**20:.1f} MiB",
         file=sys.stderr,
     )
+    stats["policy_stats"] = layer_stats = [layer.stats() for layer in cache]
+    if args.verbose:
+        for i, layer in enumerate(layer_stats):
+            print(f"  layer {i}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float)
+                                              else f"{k} {v}" for k, v in layer.items()),
+                  file=sys.stderr)
     if args.stats_json:
         write_json_atomic(args.stats_json, stats)
 

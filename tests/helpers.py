@@ -42,9 +42,12 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(name: str, seed: int = 0):
+def tiny_model(name: str, seed: int = 0, layers: int = None):
     mx.random.seed(seed)
-    model = build_model(dict(TINY_CONFIGS[name]))
+    config = dict(TINY_CONFIGS[name])
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    model = build_model(config)
     mx.eval(model.parameters())
     return model
 

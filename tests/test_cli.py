@@ -111,3 +111,52 @@ def test_hub_unreachable_says_so(tmp_path):
            "HF_HUB_OFFLINE": "0"}
     result = run_cli("--model", "mlx-community/Qwen3-4B-4bit", "--prompt", "hi", env=env)
     assert_one_line_error(result, "cannot reach the Hugging Face hub", "--model PATH")
+
+
+@pytest.fixture(scope="module")
+def manual_prompt(tmp_path_factory):
+    """About 1,000 tokens of the GNU coreutils manual."""
+    import gzip
+
+    with gzip.open("/usr/share/info/coreutils.info.gz", "rt") as f:
+        text = f.read()[30000:34000]
+    path = tmp_path_factory.mktemp("prompt") / "coreutils.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("args, kept", [
+    (["--policy", "streaming", "--budget", "128"], lambda s: s == 128),
+    (["--max-kv-size", "96"], lambda s: s == 96),
+    (["--policy", "streaming", "--budget", "128", "--positions", "cache"], lambda s: s == 128),
+    (["--policy", "snapkv", "--budget", "128", "--window", "16"], lambda s: s == 128 + 6),
+    (["--policy", "h2o", "--budget-ratio", "0.1"], lambda s: 50 < s < 200),
+    (["--policy", "refreshkv", "--budget", "64", "--refresh", "stride",
+      "--refresh-every", "2", "--refresh-mode", "score"], lambda s: s > 1000),
+])
+def test_every_policy_generates_from_the_cli(tmp_path, manual_prompt, args, kept):
+    stats_path = tmp_path / "stats.json"
+    result = run_cli("--prompt-file", str(manual_prompt), "--max-tokens", "6",
+                     "--stats-json", str(stats_path), "--verbose", *args)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(stats_path.read_text())
+    layers = stats["policy_stats"]
+    assert len(layers) == 30 and all(kept(layer["kept_tokens"]) for layer in layers)
+    assert "layer 29: kept_tokens" in result.stderr
+    if stats["policy"] == "refreshkv":
+        assert all(layer["retained_tokens"] == 64 for layer in layers)
+        # 7 single-token steps (the last prompt token, then the 6 generated,
+        # each fed back): the first selects, then every 2nd refreshes.
+        assert all(layer["full_steps"] == 4 and layer["partial_steps"] == 3 for layer in layers)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--policy", "snapkv"], "snapkv needs --budget"),
+    (["--policy", "full", "--budget", "8"], "--budget does not apply to --policy full"),
+    (["--policy", "h2o", "--max-kv-size", "8"], "--max-kv-size means --policy streaming"),
+    (["--policy", "streaming", "--budget-ratio", "0.5"], "--budget-ratio does not apply"),
+    (["--policy", "refreshkv", "--threshold", "3"], "--threshold"),
+    (["--policy", "refreshkv", "--refresh", "sometimes"], "invalid choice"),
+])
+def test_invalid_policy_settings_get_one_line(args, fragment):
+    assert_one_line_error(run_cli("--prompt", "hi", *args), fragment)

@@ -58,6 +58,9 @@ class FullCache:
         keys, values = self.append(keys, values)
         return dense(queries, keys, values, scale=scale, mask=mask)
 
+    def stats(self) -> dict:
+        return {"kept_tokens": self.offset}
+
     @property
     def state(self):
         if self.keys is None:
@@ -69,8 +72,9 @@ class FullCache:
 
     @state.setter
     def state(self, arrays):
-        self.keys, self.values = arrays["keys"], arrays["values"]
-        self.offset = self.keys.shape[2]
+        self.keys = self.values = None
+        self.offset = 0
+        self.append(arrays["keys"], arrays["values"])
 
     @property
     def nbytes(self) -> int:

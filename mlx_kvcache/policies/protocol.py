@@ -35,6 +35,10 @@ class CachePolicy(Protocol):
         """
         ...
 
+    def stats(self) -> dict:
+        """Figures for --verbose and --stats-json (tokens kept, refresh counts)."""
+        ...
+
     @property
     def state(self) -> Dict[str, mx.array]:
         """The arrays to save (safetensors), sliced to what is really held."""

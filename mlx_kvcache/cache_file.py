@@ -1,0 +1,119 @@
+"""Save a whole cache (every layer, any policy) to one safetensors file and
+restore it, refusing a different model or policy.
+
+Arrays come from each policy's `state`; its scalar attributes (offsets,
+counters, budgets resolved at run time) go into the file's metadata as JSON, so
+every registered policy saves and restores without code of its own.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_kvcache.errors import UserError
+from mlx_kvcache.policies import policy_class
+
+FORMAT = "mlx_kvcache.cache/1"
+
+
+def model_identity(model) -> dict:
+    """The model's shape plus a fingerprint of its weights: the norms (never
+    quantized) and a few embedding rows rounded to float16, so a quantized and
+    a dequantized load of one model agree."""
+    args = model.args
+    weights = [model.model.norm.weight] + [layer.input_layernorm.weight for layer in model.layers]
+    weights.append(model.model.embed_tokens(mx.arange(8)))
+    digest = hashlib.sha256()
+    for weight in weights:
+        digest.update(np.array(weight.astype(mx.float16)).tobytes())
+    return {
+        "model_type": args.model_type, "layers": len(model.layers),
+        "hidden_size": args.hidden_size, "kv_heads": args.num_key_value_heads,
+        "vocab_size": args.vocab_size, "weights": digest.hexdigest()[:16],
+    }
+
+
+def _scalars(obj) -> dict:
+    out = {}
+    for key, value in vars(obj).items():
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out[key] = {"__nested__": _scalars(value)}
+    return out
+
+
+def _restore_scalars(obj, scalars: dict) -> None:
+    for key, value in scalars.items():
+        if isinstance(value, dict) and "__nested__" in value:
+            _restore_scalars(getattr(obj, key), value["__nested__"])
+        else:
+            setattr(obj, key, value)
+
+
+def save_cache(path, cache: list, model) -> None:
+    """Write `cache` (from make_cache) atomically: a crash leaves the old file."""
+    policy = cache[0]
+    arrays = {}
+    layers = []
+    for i, layer in enumerate(cache):
+        for name, array in layer.state.items():
+            arrays[f"{i}.{name}"] = array
+        layers.append(_scalars(layer))
+    header = {
+        "format": FORMAT, "policy": policy.name,
+        "params": {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)},
+        "model": model_identity(model), "layers": layers,
+    }
+    path = Path(path)
+    directory = path.resolve().parent
+    if not directory.is_dir():
+        raise UserError(f"cannot write {path}: no directory {directory}")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata={"mlx_kvcache": json.dumps(header)})
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_cache(path, model, policy: str = None) -> list:
+    """The cache saved in `path`, for `model`. If `policy` is given, a file
+    of another policy is refused."""
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        header = json.loads(metadata["mlx_kvcache"])
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a saved mlx-kvcache cache ({e})") from None
+    if header.get("format") != FORMAT:
+        raise UserError(f"{path}: unknown cache format {header.get('format')!r}")
+    expected = model_identity(model)
+    if header["model"] != expected:
+        raise UserError(
+            f"{path} was saved from another model ({header['model']['model_type']}, "
+            f"weights {header['model']['weights']}); this one is "
+            f"{expected['model_type']}, weights {expected['weights']}"
+        )
+    if policy is not None and policy != header["policy"]:
+        raise UserError(f"{path} holds a {header['policy']!r} cache, not {policy!r}")
+    cls = policy_class(header["policy"])
+    cache = []
+    for i, scalars in enumerate(header["layers"]):
+        layer = cls(**header["params"])
+        prefix = f"{i}."
+        state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        if state:
+            layer.state = state
+        _restore_scalars(layer, scalars)
+        cache.append(layer)
+    return cache

@@ -1,0 +1,172 @@
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import mlx.core as mx
+
+from mlx_kvcache.attention import dense, scores, sparse
+from mlx_kvcache.errors import UserError
+
+from .budget import check_budget, resolve_budget
+from .full import FullCache
+from .protocol import rotate
+from .registry import register
+from .selection import select
+
+DEFAULT_BUDGET_RATIO = 1 / 8
+
+
+@register
+@dataclass(eq=False)
+class RefreshKVCache:
+    """RefreshKV (arXiv 2411.05787): keep the whole cache, attend to a small
+    retained set on most steps, and refresh that set from the whole cache now
+    and then.
+
+    Prefill uses full attention. At the first single-token step (the last prompt
+    token) the query's attention row over all tokens, max-pooled and reduced
+    over each GQA group by max, picks `budget` tokens per KV head. Partial
+    steps attend only to them (sparse attention); each new token joins the set
+    and the lowest-scored selected token leaves. Full steps score the whole
+    cache with the current query and rebuild the set: `refresh_mode="full"`
+    also attends to everything on that step (the paper), `"score"` reads only
+    the keys and then attends to the new set. The schedule is per layer:
+    `stride` refreshes every `refresh_every` steps; `query` (the paper's
+    default) compares every `qc` steps the head-averaged query with the one of
+    the last refresh and refreshes below cosine `threshold`.
+    """
+
+    name: ClassVar[str] = "refreshkv"
+    budget: Optional[int] = field(default=None, metadata={"parse": int})
+    budget_ratio: Optional[float] = field(default=None, metadata={"parse": float})
+    refresh: str = field(default="query", metadata={
+        "choices": ["query", "stride"], "help": "refreshkv: when to refresh the selection"})
+    refresh_every: int = field(default=10, metadata={
+        "help": "refreshkv --refresh stride: steps between refreshes"})
+    qc: int = field(default=5, metadata={
+        "help": "refreshkv --refresh query: steps between query checks"})
+    threshold: float = field(default=0.85, metadata={
+        "help": "refreshkv --refresh query: refresh below this cosine similarity"})
+    refresh_mode: str = field(default="full", metadata={
+        "choices": ["full", "score"],
+        "help": "refreshkv: full attention on refresh steps, or scores only"})
+    query: str = field(default="pre-rope", metadata={
+        "choices": ["pre-rope", "post-rope"], "help": "refreshkv: query compared by the schedule"})
+    pool_kernel: int = 7
+    sinks: int = field(default=0)
+    recent: int = field(default=0, metadata={
+        "help": "refreshkv: newest tokens always selected at a refresh"})
+
+    def __post_init__(self):
+        check_budget(self.name, self.budget, self.budget_ratio, DEFAULT_BUDGET_RATIO)
+        if self.refresh_every < 1 or self.qc < 1 or self.pool_kernel < 1:
+            raise UserError("refreshkv: --refresh-every, --qc and --pool-kernel must be >= 1")
+        if not -1 <= self.threshold <= 1:
+            raise UserError(f"refreshkv: --threshold is a cosine in [-1, 1], got {self.threshold}")
+        if self.sinks < 0 or self.recent < 0:
+            raise UserError("refreshkv: --sinks and --recent must be >= 0")
+        self.full_cache = FullCache()
+        self.retained = None  # [B, Hkv, k] token indices into the full cache
+        self.retained_scores = None  # [B, Hkv, k] float32; new tokens get +inf
+        self.capacity = None  # k, fixed at the first selection
+        self.refreshed_query = None  # [B, D] the schedule compares against it
+        self.steps_since_refresh = 0
+        self.full_steps = 0
+        self.partial_steps = 0
+
+    @property
+    def offset(self) -> int:
+        return self.full_cache.offset
+
+    def attend(self, queries, keys, values, *, rope, scale, mask):
+        schedule_query = queries
+        queries = rotate(rope, queries, self.offset)
+        if self.query == "post-rope":
+            schedule_query = queries
+        keys, values = self.full_cache.append(rotate(rope, keys, self.offset), values)
+        if queries.shape[2] > 1:
+            # Prompt chunks (or a new chat turn): full attention; the next
+            # single-token step selects afresh.
+            self.retained = None
+            return dense(queries, keys, values, scale=scale, mask=mask)
+        if self.retained is None or self._due(schedule_query):
+            return self._full_step(queries, keys, values, scale, schedule_query)
+        self._admit_newest(keys.shape[2] - 1)
+        self.partial_steps += 1
+        self.steps_since_refresh += 1
+        return self._sparse(queries, scale)
+
+    def _sparse(self, queries, scale):
+        # The whole buffers, not the valid slice: gathering rows from a
+        # contiguous array does not copy it.
+        storage = self.full_cache
+        return sparse(queries, storage.keys, storage.values, self.retained, scale)
+
+    def _due(self, schedule_query) -> bool:
+        if self.refresh == "stride":
+            return self.steps_since_refresh + 1 >= self.refresh_every
+        if (self.steps_since_refresh + 1) % self.qc:
+            return False
+        now = schedule_query.mean(axis=(1, 2)).astype(mx.float32)
+        then = self.refreshed_query
+        cosine = (now * then).sum(-1) / (
+            mx.linalg.norm(now, axis=-1) * mx.linalg.norm(then, axis=-1) + 1e-12)
+        # One Python decision per layer every qc steps (a sync, as in the paper).
+        return bool((cosine < self.threshold).any().item())
+
+    def _full_step(self, queries, keys, values, scale, schedule_query):
+        n = keys.shape[2]
+        if self.capacity is None:
+            self.capacity = resolve_budget(
+                self.budget, self.budget_ratio, n, DEFAULT_BUDGET_RATIO)
+        probs = scores(queries, keys, scale)
+        self.retained, self.retained_scores = select(
+            probs, keys.shape[1], min(self.capacity, n), pool_kernel=self.pool_kernel,
+            sinks=self.sinks, recent=self.recent)
+        self.refreshed_query = schedule_query.mean(axis=(1, 2)).astype(mx.float32)
+        self.full_steps += 1
+        self.steps_since_refresh = 0
+        if self.refresh_mode == "full":
+            return dense(queries, keys, values, scale=scale, mask=None)
+        return self._sparse(queries, scale)
+
+    def _admit_newest(self, position: int):
+        """The new token joins the retained set: appended while the set is
+        under budget, else in place of the lowest-scored selected token."""
+        B, H, k = self.retained.shape
+        newest = mx.full((B, H, 1), position, dtype=self.retained.dtype)
+        top = mx.full((B, H, 1), mx.inf, dtype=mx.float32)
+        if k < self.capacity:
+            self.retained = mx.concatenate([self.retained, newest], axis=-1)
+            self.retained_scores = mx.concatenate([self.retained_scores, top], axis=-1)
+            return
+        victim = mx.argmin(self.retained_scores, axis=-1, keepdims=True)
+        self.retained = mx.put_along_axis(self.retained, victim, newest, axis=-1)
+        self.retained_scores = mx.put_along_axis(self.retained_scores, victim, top, axis=-1)
+
+    def stats(self) -> dict:
+        steps = self.full_steps + self.partial_steps
+        return {"kept_tokens": self.offset,
+                "retained_tokens": 0 if self.retained is None else self.retained.shape[-1],
+                "full_steps": self.full_steps, "partial_steps": self.partial_steps,
+                "effective_stride": steps / self.full_steps if self.full_steps else None}
+
+    @property
+    def state(self):
+        arrays = dict(self.full_cache.state)
+        if self.retained is not None:
+            arrays.update(retained=self.retained, retained_scores=self.retained_scores,
+                          refreshed_query=self.refreshed_query)
+        return arrays
+
+    @state.setter
+    def state(self, arrays):
+        self.full_cache.state = {"keys": arrays["keys"], "values": arrays["values"]}
+        self.retained = arrays.get("retained")
+        self.retained_scores = arrays.get("retained_scores")
+        self.refreshed_query = arrays.get("refreshed_query")
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.retained is None else (
+            self.retained.nbytes + self.retained_scores.nbytes + self.refreshed_query.nbytes)
+        return self.full_cache.nbytes + extra

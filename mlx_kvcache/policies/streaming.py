@@ -1,0 +1,112 @@
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import mlx.core as mx
+
+from mlx_kvcache.attention import dense
+from mlx_kvcache.errors import UserError
+
+from .protocol import rotate
+from .registry import register
+
+
+@register
+@dataclass(eq=False)
+class StreamingCache:
+    """StreamingLLM (arXiv 2309.17453): the first `sinks` tokens plus the most
+    recent `budget - sinks`; every query, in prefill too, attends to the sinks
+    and its own recent window, so prefill in chunks equals prefill in one piece.
+
+    positions="original": keys keep their RoPE positions (mlx-lm's
+    RotatingKVCache). positions="cache": keys are stored before RoPE and rotated
+    by their slot in the cache at every step (the paper's choice), so positions
+    never exceed the budget and generation can run past the trained context.
+    """
+
+    name: ClassVar[str] = "streaming"
+    budget: Optional[int] = field(default=None, metadata={
+        "parse": int, "help": "tokens kept (or selected) per layer and KV head"})
+    sinks: int = field(default=4, metadata={
+        "help": "first tokens always kept (streaming: 4; refreshkv: 0)"})
+    positions: str = field(default="original", metadata={
+        "choices": ["original", "cache"],
+        "help": "streaming: RoPE by original position, or by slot in the cache"})
+
+    def __post_init__(self):
+        if self.budget is None:
+            raise UserError("streaming needs --budget N (tokens kept); it evicts "
+                            "during prefill, before the prompt length is known")
+        if not 0 <= self.sinks < self.budget:
+            raise UserError(f"streaming: --sinks must be in [0, budget), got {self.sinks}")
+        if self.positions not in ("original", "cache"):
+            raise UserError(f"streaming: --positions is original or cache, not {self.positions!r}")
+        self.window = self.budget - self.sinks
+        self.keys = self.values = None
+        self.kept_positions = mx.zeros((0,), mx.int32)
+        self.offset = 0
+
+    def attend(self, queries, keys, values, *, rope, scale, mask):
+        if mask is not None and not isinstance(mask, str):
+            raise ValueError("streaming computes its own mask; got an explicit mask array")
+        L = queries.shape[2]
+        start = self.offset
+        by_slot = self.positions == "cache"
+        if by_slot and rope is None:
+            raise UserError("streaming --positions cache needs unrotated keys; "
+                            "this model rotates them itself (use positions=original)")
+        if not by_slot:
+            queries, keys = rotate(rope, queries, start), rotate(rope, keys, start)
+        new_positions = mx.arange(start, start + L, dtype=mx.int32)
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        positions = mx.concatenate([self.kept_positions, new_positions])
+        if L == 1:
+            # One query: evict first, then it sees exactly sinks + window, no mask.
+            keys, values, positions = self._evict(keys, values, positions)
+            step_mask = None
+        else:
+            # A query at position p sees key positions k <= p with k < sinks
+            # or k > p - window: the same keys as if prefilled in one piece.
+            k_pos, q_pos = positions[None, :], new_positions[:, None]
+            step_mask = (k_pos <= q_pos) & (
+                (k_pos < self.sinks) | (k_pos > q_pos - self.window)
+            )
+        if by_slot:
+            queries = rotate(rope, queries, positions.shape[0] - L)
+            attended_keys = rotate(rope, keys, 0)
+        else:
+            attended_keys = keys
+        out = dense(queries, attended_keys, values, scale=scale, mask=step_mask)
+        if L > 1:
+            keys, values, positions = self._evict(keys, values, positions)
+        self.keys, self.values, self.kept_positions = keys, values, positions
+        self.offset += L
+        return out
+
+    def _evict(self, keys, values, positions):
+        n = positions.shape[0]
+        if n <= self.budget:
+            return keys, values, positions
+        keep = mx.concatenate([mx.arange(self.sinks), mx.arange(n - self.window, n)])
+        return keys[:, :, keep], values[:, :, keep], positions[keep]
+
+    def stats(self) -> dict:
+        return {"kept_tokens": self.kept_positions.shape[0]}
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return {}
+        return {"keys": self.keys, "values": self.values, "kept_positions": self.kept_positions}
+
+    @state.setter
+    def state(self, arrays):
+        self.keys, self.values = arrays["keys"], arrays["values"]
+        self.kept_positions = arrays["kept_positions"]
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes + self.kept_positions.nbytes

@@ -1,0 +1,84 @@
+"""Saving and restoring a whole cache: generation continues exactly as if it
+had never stopped, and a cache is never restored onto another model or policy."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_kvcache import UserError, make_cache
+from mlx_kvcache.cache_file import load_cache, save_cache
+from tests.helpers import tiny_model
+
+SETTINGS = [
+    ("full", {}),
+    ("streaming", {"budget": 24}),
+    ("streaming", {"budget": 24, "positions": "cache"}),
+    ("snapkv", {"budget": 30, "window": 8}),
+    ("h2o", {"budget": 20}),
+    ("refreshkv", {"budget": 12, "qc": 2}),
+    ("refreshkv", {"budget_ratio": 0.2, "refresh": "stride", "refresh_every": 3,
+                   "refresh_mode": "score"}),
+]
+PROMPT = [(7 * i + 3) % 256 for i in range(60)]
+TOKENS = [(13 * i + 40) % 256 for i in range(16)]
+
+
+def feed(model, cache, tokens, chunk=16):
+    out = []
+    for i in range(0, len(tokens), chunk):
+        out.append(model(mx.array(tokens[i : i + chunk])[None], cache=cache))
+    return mx.concatenate(out, axis=1)
+
+
+def step_by_step(model, cache, tokens):
+    return mx.concatenate([model(mx.array([[t]]), cache=cache) for t in tokens], axis=1)
+
+
+@pytest.mark.parametrize("policy, args", SETTINGS, ids=lambda x: str(x))
+def test_restore_continues_exactly(tmp_path, policy, args):
+    model = tiny_model("llama3")
+    uninterrupted = make_cache(model, policy, **args)
+    feed(model, uninterrupted, PROMPT[:-1])
+    expected = step_by_step(model, uninterrupted, [PROMPT[-1]] + TOKENS)
+
+    first = make_cache(model, policy, **args)
+    feed(model, first, PROMPT[:-1])
+    step_by_step(model, first, [PROMPT[-1]] + TOKENS[:7])
+    path = tmp_path / "cache.safetensors"
+    save_cache(path, first, model)
+    restored = load_cache(path, model, policy=policy)
+    got = step_by_step(model, restored, TOKENS[7:])
+    assert mx.array_equal(got, expected[:, 8:])
+    assert [c.stats() for c in restored] == [c.stats() for c in uninterrupted]
+    assert [c.nbytes for c in restored] == [c.nbytes for c in uninterrupted]
+
+
+def test_restore_onto_another_model_or_policy_is_refused(tmp_path):
+    model = tiny_model("llama3")
+    cache = make_cache(model, "refreshkv", budget=8)
+    feed(model, cache, PROMPT)
+    path = tmp_path / "cache.safetensors"
+    save_cache(path, cache, model)
+    with pytest.raises(UserError, match="saved from another model"):
+        load_cache(path, tiny_model("qwen3"))
+    with pytest.raises(UserError, match="saved from another model"):
+        load_cache(path, tiny_model("llama3", seed=1))  # same shape, other weights
+    with pytest.raises(UserError, match="holds a 'refreshkv' cache, not 'h2o'"):
+        load_cache(path, model, policy="h2o")
+
+
+def test_save_is_atomic_and_errors_are_user_errors(tmp_path):
+    model = tiny_model("qwen3")
+    cache = make_cache(model, "full")
+    feed(model, cache, PROMPT)
+    path = tmp_path / "cache.safetensors"
+    save_cache(path, cache, model)
+    before = path.read_bytes()
+    feed(model, cache, TOKENS)
+    save_cache(path, cache, model)  # replaces the file whole
+    assert path.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors"]
+    with pytest.raises(UserError, match="cannot write"):
+        save_cache(tmp_path / "missing" / "c.safetensors", cache, model)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a cache")
+    with pytest.raises(UserError, match="not a saved mlx-kvcache cache"):
+        load_cache(tmp_path / "junk.safetensors", model)

@@ -1,0 +1,193 @@
+"""Cache policies: each reproduces `full` exactly when its budget covers the
+sequence, evicts what its paper says, and stays correct under chunked prefill."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_kvcache import UserError, make_cache
+from mlx_kvcache.policies.selection import group_max, pool_max, protect, select, top_k
+from tests.helpers import TINY_CONFIGS, tiny_model
+
+# Every policy, in settings that exercise its modes, with a budget >= any
+# sequence these tests build.
+COVERING = [
+    ("streaming", {"budget": 4096}),
+    ("streaming", {"budget": 4096, "positions": "cache"}),
+    ("snapkv", {"budget": 4096}),
+    ("snapkv", {"budget_ratio": 1.0, "window": 4}),
+    ("h2o", {"budget": 4096}),
+    ("refreshkv", {"budget": 4096}),
+    ("refreshkv", {"budget": 4096, "refresh": "stride", "refresh_every": 3,
+                   "refresh_mode": "score"}),
+    ("refreshkv", {"budget": 4096, "refresh": "query", "qc": 2, "threshold": 0.99,
+                   "query": "post-rope", "sinks": 4, "recent": 8}),
+]
+
+
+def run_logits(model, policy, prompt, n_decode, chunk=16, forced=None, **args):
+    """Logits of a chunked prefill, then of `n_decode` single-token steps: the
+    last prompt token, then greedy tokens (or the `forced` ones)."""
+    cache = make_cache(model, policy, **args)
+    out = []
+    for i in range(0, len(prompt) - 1, chunk):
+        out.append(model(mx.array(prompt[i : min(i + chunk, len(prompt) - 1)])[None], cache=cache))
+    token = mx.array(prompt[-1:])
+    for step in range(n_decode):
+        logits = model(token[None], cache=cache)
+        out.append(logits)
+        token = logits[0, -1:].argmax(axis=-1) if forced is None else mx.array([forced[step]])
+    return mx.concatenate(out, axis=1), cache
+
+
+@pytest.mark.parametrize("policy, args", COVERING, ids=lambda x: str(x))
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+def test_covering_budget_reproduces_full_exactly(arch, policy, args):
+    model = tiny_model(arch)
+    prompt = [(7 * i + 3) % 256 for i in range(70)]
+    expected, _ = run_logits(model, "full", prompt, 24)
+    got, _ = run_logits(model, policy, prompt, 24, **args)
+    assert mx.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("policy, args", COVERING[::2], ids=lambda x: str(x))
+def test_covering_budget_reproduces_full_on_smollm2(smollm2, policy, args):
+    model, tokenizer = smollm2
+    with open("/usr/share/common-licenses/GPL-3") as f:
+        prompt = tokenizer.encode(f.read()[:1500])
+    expected, _ = run_logits(model, "full", prompt, 8, chunk=128)
+    got, _ = run_logits(model, policy, prompt, 8, chunk=128, **args)
+    assert mx.array_equal(got, expected)
+
+
+def test_streaming_chunked_prefill_equals_one_piece():
+    model = tiny_model("llama3")
+    prompt = [(5 * i + 2) % 256 for i in range(90)]
+    whole, _ = run_logits(model, "streaming", prompt, 10, chunk=1000, budget=24, sinks=4)
+    chunked, cache = run_logits(model, "streaming", prompt, 10, chunk=7, budget=24, sinks=4)
+    assert mx.allclose(whole[:, -10:], chunked[:, -10:], atol=1e-5)
+    # A sliding window with sinks keeps exactly the first 4 and the last 20.
+    expected = list(range(4)) + list(range(99 - 20, 99))  # 89 prefilled + 10 steps
+    assert cache[0].kept_positions.tolist() == expected
+    assert cache[0].keys.shape[2] == 24
+
+
+def test_streaming_cache_positions_depend_only_on_what_is_kept():
+    # One layer: kept keys depend only on their tokens. With slot positions the
+    # next logits then depend only on the kept tokens, not on how long the
+    # history was, which is what lets generation run past the trained context.
+    model = tiny_model("llama3", layers=1)
+    sinks, window = [1, 2, 3, 4], [50 + i for i in range(12)]
+    short = sinks + [9] * 10 + window
+    long = sinks + [7] * 300 + window
+
+    def next_logits(positions, prompt):
+        cache = make_cache(model, "streaming", budget=16, sinks=4, positions=positions)
+        for t in prompt:
+            logits = model(mx.array([[t]]), cache=cache)
+        return logits
+
+    assert mx.allclose(next_logits("cache", short), next_logits("cache", long), atol=1e-5)
+    assert not mx.allclose(next_logits("original", short), next_logits("original", long),
+                           atol=1e-3)
+
+
+def test_snapkv_keeps_window_and_budget_and_ignores_chunking():
+    model = tiny_model("qwen3")
+    prompt = [(11 * i + 5) % 256 for i in range(80)]
+    whole, a = run_logits(model, "snapkv", prompt, 12, chunk=1000, budget=30, window=8)
+    chunked, b = run_logits(model, "snapkv", prompt, 12, chunk=9, budget=30, window=8)
+    assert mx.allclose(whole, chunked[:, -whole.shape[1]:], atol=1e-5)
+    # 30 kept at the cut (after the last prompt token), then 11 generated appended.
+    assert a[0].storage.offset == 30 + 11 and a[0].offset == 80 + 11
+
+
+def test_h2o_keeps_recent_half_and_budget():
+    model = tiny_model("llama3")
+    prompt = [(3 * i + 1) % 256 for i in range(60)]
+    _, cache = run_logits(model, "h2o", prompt, 15, budget=20)
+    layer = cache[1]
+    assert layer.keys.shape[2] == 20 and layer.offset == 59 + 15
+    for head in layer.kept_positions[0].tolist():
+        assert head == sorted(head)
+        assert set(range(74 - 10, 74)) <= set(head)  # the 10 most recent
+
+
+def test_selection_pools_reduces_groups_and_picks_top_k():
+    scores = mx.array([[[0, 0, 5, 0, 0, 0, 0, 0, 1, 0]]], dtype=mx.float32)
+    assert pool_max(scores, 3).tolist() == [[[0, 5, 5, 5, 0, 0, 0, 1, 1, 1]]]
+    heads = mx.array([[[1.0, 0, 0], [0, 2, 0], [0, 0, 3], [4, 0, 0]]])  # 4 q heads
+    assert group_max(heads, 2).tolist() == [[[1, 2, 0], [4, 0, 3]]]
+    assert top_k(mx.array([[[0.1, 0.9, 0.5, 0.7]]]), 2).tolist() == [[[1, 3]]]
+    assert protect(mx.zeros((1, 1, 6)), 1, 2).tolist()[0][0] == [
+        float("inf"), 0, 0, 0, float("inf"), float("inf")]
+    probs = mx.zeros((1, 2, 1, 20)).at[0, 0, 0, 13].add(1.0).at[0, 1, 0, 2].add(0.5)
+    indices, chosen_scores = select(probs, 1, 2, pool_kernel=1)
+    assert indices.tolist() == [[[2, 13]]]
+    assert chosen_scores.tolist() == [[[0.5, 1.0]]]
+
+
+def test_refreshkv_stride_schedule_counts():
+    model = tiny_model("llama3")
+    prompt = [(3 * i + 1) % 256 for i in range(64)]
+    _, cache = run_logits(model, "refreshkv", prompt, 21, budget=8, refresh="stride",
+                          refresh_every=5)
+    for layer in cache:
+        # The first step selects (a full step), then every 5th step refreshes.
+        assert layer.stats()["full_steps"] == 5 and layer.stats()["partial_steps"] == 16
+        assert layer.stats()["retained_tokens"] == 8
+        assert layer.offset == 64 + 20
+
+
+def test_refreshkv_query_schedule_refreshes_when_the_query_drifts():
+    model = tiny_model("qwen3")
+    prompt = [(3 * i + 1) % 256 for i in range(64)]
+    distinct = list(range(100, 121))  # distinct tokens: no two queries are equal
+    _, never = run_logits(model, "refreshkv", prompt, 21, forced=distinct, budget=8, qc=2,
+                          threshold=-1.0)
+    _, always = run_logits(model, "refreshkv", prompt, 21, forced=distinct, budget=8, qc=2,
+                           threshold=1.0)
+    assert all(layer.stats()["full_steps"] == 1 for layer in never)
+    # Checked on every 2nd step; a cosine never exceeds 1, so each check refreshes.
+    assert all(layer.stats()["full_steps"] == 11 for layer in always)
+
+
+def test_refreshkv_partial_steps_attend_only_to_the_retained_set():
+    model = tiny_model("llama3")
+    prompt = [(3 * i + 1) % 256 for i in range(64)]
+    small, _ = run_logits(model, "refreshkv", prompt, 6, budget=4, refresh="stride",
+                          refresh_every=100)
+    full, _ = run_logits(model, "full", prompt, 6)
+    # The step that selects attends fully; the partial steps after it do not.
+    assert mx.array_equal(small[:, :4], full[:, :4])
+    assert not mx.allclose(small[:, -1], full[:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("policy, args, message", [
+    ("streaming", {}, "streaming needs --budget"),
+    ("streaming", {"budget": 4, "sinks": 4}, "--sinks"),
+    ("streaming", {"budget": 8, "positions": "slot"}, "--positions"),
+    ("streaming", {"budget_ratio": 0.5}, "takes"),
+    ("snapkv", {}, "needs --budget"),
+    ("snapkv", {"budget": 10, "budget_ratio": 0.1}, "not both"),
+    ("snapkv", {"budget": 16, "window": 32}, "must exceed --window"),
+    ("h2o", {"budget": 0}, "--budget must be >= 1"),
+    ("refreshkv", {"budget_ratio": 1.5}, "--budget-ratio"),
+    ("refreshkv", {"refresh_every": 0}, ">= 1"),
+    ("refreshkv", {"threshold": 2.0}, "--threshold"),
+    ("full", {"budget": 3}, "takes no arguments"),
+    ("lru", {}, "unknown policy"),
+])
+def test_invalid_settings_are_user_errors(policy, args, message):
+    with pytest.raises(UserError, match=message):
+        make_cache(tiny_model("qwen3"), policy, **args)
+
+
+def test_policies_report_real_bytes():
+    model = tiny_model("llama3")
+    prompt = [(3 * i + 1) % 256 for i in range(64)]
+    cfg = TINY_CONFIGS["llama3"]
+    row = cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4 * 2
+    _, full = run_logits(model, "full", prompt, 4)
+    _, streaming = run_logits(model, "streaming", prompt, 4, budget=16)
+    assert full[0].nbytes == 256 * row  # one 256-token block
+    assert streaming[0].nbytes == 16 * row + 16 * 4  # rows + int32 positions
