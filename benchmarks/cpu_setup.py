@@ -110,4 +110,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from mlx_kvcache.process import exit_now
+
     main()
+    exit_now(0)

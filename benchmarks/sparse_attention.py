@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from common import device_label
 
 from mlx_kvcache import attention
 
@@ -63,7 +64,7 @@ def main():
                          "sparse_range_ms": sparse_ms[1:],
                          "sparse_over_dense": sparse_ms[0] / dense_ms[0]})
             print(rows[-1])
-    device = str(mx.default_device()).replace("Device(", "").replace(")", "").replace(", ", "")
+    device = device_label()
     result = {"benchmark": "sparse_attention", "device": str(mx.default_device()),
               "machine": f"{platform.machine()} {platform.system()}", "mlx": mx.__version__,
               "dtype": args.dtype, "shape": {"q_heads": N_Q_HEADS, "kv_heads": N_KV_HEADS,
@@ -82,4 +83,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from mlx_kvcache.process import exit_now
+
     main()
+    exit_now(0)

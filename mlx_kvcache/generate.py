@@ -4,11 +4,8 @@ tokenize -> prefill in chunks -> for each step: model -> sample -> stream.
 The cache policy hides inside the model's attention call.
 """
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Union
@@ -16,6 +13,7 @@ from typing import Callable, Iterator, List, Optional, Union
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from mlx_kvcache.cli import Parser, add_policy_flags, number, write_json_atomic
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.policies import POLICIES, make_cache, parameters
 
@@ -163,50 +161,8 @@ def generate(model, tokenizer, prompt, **kwargs) -> str:
 # ---------------------------------------------------------------- the CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line and exit 2, like every other bad input (no usage dump).
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _number(kind, low=None, high=None, low_open=False):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value != value or (low is not None and (value < low or (low_open and value == low))):
-            raise argparse.ArgumentTypeError(
-                f"must be {'>' if low_open else '>='} {low}, got {text}"
-            )
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
-        return value
-
-    return parse
-
-
-def _add_policy_flags(parser):
-    """Every registered policy's parameters become flags (union over policies)."""
-    seen = {}
-    for cls in POLICIES.values():
-        for name, field in parameters(cls).items():
-            if name in seen:
-                continue
-            seen[name] = field
-            meta = field.metadata
-            parser.add_argument(
-                "--" + name.replace("_", "-"),
-                type=meta.get("parse", field.type),
-                choices=meta.get("choices"),
-                default=None,
-                help=meta.get("help"),
-            )
-    return seen
-
-
 def setup_arg_parser():
-    parser = _Parser(
+    parser = Parser(
         prog="python -m mlx_kvcache.generate",
         description="Generate text with a swappable KV-cache policy.",
     )
@@ -218,22 +174,22 @@ def setup_arg_parser():
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="feed the prompt as raw text")
-    parser.add_argument("--max-tokens", "-m", type=_number(int, 1), default=100)
-    parser.add_argument("--temp", type=_number(float, 0.0), default=0.0)
-    parser.add_argument("--top-p", type=_number(float, 0.0, 1.0), default=1.0)
-    parser.add_argument("--seed", type=_number(int, 0), default=None)
+    parser.add_argument("--max-tokens", "-m", type=number(int, 1), default=100)
+    parser.add_argument("--temp", type=number(float, 0.0), default=0.0)
+    parser.add_argument("--top-p", type=number(float, 0.0, 1.0), default=1.0)
+    parser.add_argument("--seed", type=number(int, 0), default=None)
     parser.add_argument("--policy", default=None, choices=sorted(POLICIES),
                         help="KV-cache policy (default: full)")
-    parser.add_argument("--max-kv-size", type=_number(int, 1), default=None,
+    parser.add_argument("--max-kv-size", type=number(int, 1), default=None,
                         help="mlx-lm's flag: the same as --policy streaming --budget N")
-    parser.add_argument("--prefill-step-size", type=_number(int, 1),
+    parser.add_argument("--prefill-step-size", type=number(int, 1),
                         default=DEFAULT_PREFILL_STEP, help="prompt tokens per prefill chunk")
     parser.add_argument("--keep-quantized", action="store_true",
                         help="keep quantized weights quantized on the CPU backend "
                         "(by default they are dequantized to float32 there)")
     parser.add_argument("--stats-json", default=None, help="write run figures to this file")
     parser.add_argument("--verbose", action="store_true")
-    _add_policy_flags(parser)
+    add_policy_flags(parser)
     return parser
 
 
@@ -266,19 +222,6 @@ def _prompt_ids(tokenizer, args, text: str) -> List[int]:
         messages, tokenize=False, add_generation_prompt=True
     )
     return encode_prompt(tokenizer, rendered)
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    """Write JSON so that readers see the old file or the new one, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e}") from None
 
 
 def _progress_bar(done: int, total: int) -> None:
@@ -390,4 +333,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mlx_kvcache.process import exit_now
+
+    exit_now(main())

@@ -41,13 +41,15 @@ def test_answers_and_writes_stats(tmp_path):
     stats = json.loads(stats_path.read_text())
     assert set(stats) == {"model", "policy", "prompt_tokens", "generated_tokens",
                           "prefill_s", "prefill_tok_per_s", "decode_tok_per_s",
-                          "kv_bytes", "peak_memory_bytes"}
+                          "kv_bytes", "peak_memory_bytes", "policy_stats"}
     assert stats["model"].endswith(".gguf") and stats["policy"] == "full"
     assert stats["prompt_tokens"] > 10 and 1 <= stats["generated_tokens"] <= 12
     assert stats["prefill_s"] > 0 and stats["prefill_tok_per_s"] > 0
     # 30 layers x 3 KV heads x 64 dims x K and V x float32, in 256-token blocks.
     assert stats["kv_bytes"] == 30 * 2 * 3 * 64 * 4 * 256
     assert stats["peak_memory_bytes"] > stats["kv_bytes"]
+    assert [layer["kept_tokens"] for layer in stats["policy_stats"]] == [
+        stats["prompt_tokens"] + stats["generated_tokens"]] * 30
 
 
 def test_prompt_from_stdin_without_chat_template():

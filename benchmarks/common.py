@@ -1,0 +1,82 @@
+"""Shared by the benchmark scripts: provenance, result files, bandwidth, and the
+caches compared (ours by name, mlx-lm's own on mlx-lm's model)."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_label() -> str:
+    return "cpu" if mx.default_device() == mx.cpu else (
+        "cuda" if mx.cuda.is_available() else "metal")
+
+
+def provenance() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = None
+    import mlx_lm
+
+    return {"device": str(mx.default_device()), "backend": device_label(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "commit": commit,
+            "openblas_preload": "openblas" in os.environ.get("LD_PRELOAD", ""),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_result(name: str, data: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"provenance": provenance(), **data}, indent=2) + "\n")
+    return path
+
+
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Measured copy bandwidth: bytes read + written by a large MLX copy."""
+    x = mx.ones((megabytes * 2**20 // 4,), mx.float32)
+    mx.eval(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(x + 0)
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times) / 1e9
+
+
+# Caches compared. Ours: (policy name, args) on our port; mlx-lm's: a factory of
+# its cache classes, run on mlx-lm's own model with the same weights.
+MLX_LM_CACHES = {
+    "mlx-lm KVCache": lambda budget: KVCache(),
+    "mlx-lm RotatingKVCache": lambda budget: RotatingKVCache(max_size=budget, keep=4),
+    "mlx-lm QuantizedKVCache 8-bit": lambda budget: QuantizedKVCache(group_size=64, bits=8),
+    "mlx-lm QuantizedKVCache 4-bit": lambda budget: QuantizedKVCache(group_size=64, bits=4),
+}
+
+OUR_POLICIES = {
+    "full": ("full", {}),
+    "streaming": ("streaming", {"sinks": 4}),
+    "snapkv": ("snapkv", {}),
+    "h2o": ("h2o", {}),
+    "refreshkv (query)": ("refreshkv", {}),
+    "refreshkv (stride 5)": ("refreshkv", {"refresh": "stride", "refresh_every": 5}),
+    "refreshkv (score-only, every step)": ("refreshkv", {"refresh": "stride", "refresh_every": 1,
+                                                         "refresh_mode": "score"}),
+}
+
+
+def with_budget(name: str, args: dict, budget: int) -> dict:
+    return args if name == "full" else dict(args, budget=budget)

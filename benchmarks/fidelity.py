@@ -1,0 +1,88 @@
+"""Fidelity against the full cache on real text (the GNU manuals on every
+Debian machine), and RefreshKV's trade-off curve, in one process:
+
+- ppl: perplexity of the last 256 tokens of each window, scored one token at a
+  time, for every policy at budgets L/16, L/8, L/4 (L: the window's prompt);
+- tradeoff: at L/8, RefreshKV over refresh settings (stride 1..20, the query
+  schedule at several thresholds, full vs score-only refresh, with and without
+  guaranteed sinks/recent tokens) with the other policies as points: ppl ratio
+  to full against decode ms/token, both measured on the same windows;
+- needle: passkey retrieval at depths 0.1..0.9 of a real-text haystack;
+- longform: greedy continuation agreement with full, first divergence, ROUGE-L.
+
+    python benchmarks/fidelity.py [--quick]
+
+Writes benchmarks/results/fidelity.json.
+"""
+
+import argparse
+from types import SimpleNamespace
+
+from common import write_result
+
+from mlx_kvcache import load
+from mlx_kvcache.evaluate import PolicySpec, run_task
+
+TEXTS = {
+    "coreutils": "/usr/share/info/coreutils.info.gz",
+    "gettext": "/usr/share/info/gettext.info.gz",
+    "find": "/usr/share/info/find.info-1.gz",
+}
+OTHERS = ["streaming", "snapkv", "h2o", "refreshkv"]
+
+
+def tradeoff_specs(ratio):
+    def refresh(**kw):
+        return PolicySpec("refreshkv", {"budget_ratio": ratio, **kw})
+
+    specs = [refresh(refresh="stride", refresh_every=s) for s in (1, 2, 5, 10, 20)]
+    specs += [refresh(refresh="stride", refresh_every=s, refresh_mode="score") for s in (1, 5)]
+    specs += [refresh(refresh="query", qc=5, threshold=t) for t in (0.8, 0.9, 0.95)]
+    specs += [refresh(refresh="stride", refresh_every=5, sinks=4, recent=128)]
+    specs += [PolicySpec(name, {"budget_ratio": ratio}) for name in ("streaming", "snapkv", "h2o")]
+    return specs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    quick = args.quick
+    model, tokenizer = load("smollm2")
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    report = {"benchmark": "fidelity", "model": model.source, "quick": quick, "tasks": []}
+
+    ratios = [1 / 8] if quick else [1 / 16, 1 / 8, 1 / 4]
+    texts = {"coreutils": TEXTS["coreutils"]} if quick else TEXTS
+    for text_name, path in texts.items():
+        ns = SimpleNamespace(text_file=path, context=2048 if quick else 4096, score_last=256,
+                             windows=1 if quick else 8)
+        specs = [PolicySpec("full")] + [PolicySpec(n, {"budget_ratio": r})
+                                        for r in ratios for n in OTHERS]
+        if text_name == "coreutils":
+            specs += [s for s in tradeoff_specs(1 / 8) if s not in specs]
+        result = run_task("ppl", model, tokenizer, specs, ns, log)
+        result.update(text=text_name, windows=ns.windows)
+        report["tasks"].append(result)
+        write_result("fidelity", report)
+
+    ns = SimpleNamespace(haystack_file=TEXTS["gettext"], context=1024 if quick else 4096,
+                         depths=[0.1, 0.5, 0.9] if quick else [0.1, 0.3, 0.5, 0.7, 0.9],
+                         windows=1 if quick else 4, seed=0)
+    specs = [PolicySpec("full")] + [PolicySpec(n, {"budget_ratio": 1 / 8}) for n in OTHERS]
+    report["tasks"].append(dict(run_task("needle", model, tokenizer, specs, ns, log),
+                                text="gettext"))
+    write_result("fidelity", report)
+
+    ns = SimpleNamespace(text_file=TEXTS["find"], context=2048, windows=1 if quick else 4,
+                         max_tokens=64 if quick else 256)
+    report["tasks"].append(dict(run_task("longform", model, tokenizer, specs, ns, log),
+                                text="find"))
+    write_result("fidelity", report)
+
+
+if __name__ == "__main__":
+    from mlx_kvcache.process import exit_now
+
+    main()
+    exit_now(0)

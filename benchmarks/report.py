@@ -1,0 +1,152 @@
+"""Tables (markdown) and plots (PNG) from benchmarks/results/*.json, and the
+README's results section between its markers, so the README quotes exactly
+what the scripts measured.
+
+    python benchmarks/report.py
+"""
+
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parent.parent / "README.md"
+
+
+def replace_section(readme: str, name: str, body: str) -> str:
+    """The README text between <!-- results:NAME --> and <!-- /results:NAME -->."""
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    if start not in readme:
+        return readme
+    return re.sub(re.escape(start) + ".*?" + re.escape(end),
+                  lambda _: f"{start}\n{body}\n{end}", readme, flags=re.S)
+
+
+def load(name):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def where(result) -> str:
+    p = result["provenance"]
+    quick = " (--quick)" if result.get("quick") else ""
+    return (f"_{p['device']} on {p['machine']}, MLX {p['mlx']}, mlx-lm {p['mlx_lm']}, "
+            f"commit {p['commit']}, {p['date']}{quick}._")
+
+
+def speed_table(result) -> str:
+    lines = [f"Decode and prefill on SmolLM2-135M, budget = context/8 for the budgeted "
+             f"caches; median over {result['repeats']} interleaved rounds of "
+             f"{result['steps_per_repeat']} tokens (range in brackets). Roofline: the bytes a "
+             f"decode step must move (weights {result['weight_bytes'] / 2**20:.0f} MiB + attended "
+             f"KV) at the measured {result['bandwidth_gb_per_s']:.1f} GB/s, as a share of the "
+             f"measured step. {where(result)}", "",
+             "| context | cache | decode ms/token | vs full | prefill tok/s | KV held MiB | "
+             "peak +MiB | roofline |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    full = {r["context"]: r["decode_ms_per_token"] for r in result["rows"] if r["cache"] == "full"}
+    for r in result["rows"]:
+        ms = r["decode_ms_all"]
+        lines.append(
+            f"| {r['context']} | {r['cache']} | {r['decode_ms_per_token']:.1f} "
+            f"[{min(ms):.1f}-{max(ms):.1f}] | {r['decode_ms_per_token'] / full[r['context']]:.2f}x | "
+            f"{r['prefill_tok_per_s']:.0f} | {r['kv_bytes'] / 2**20:.1f} | "
+            f"{r['peak_memory_delta_bytes'] / 2**20:.0f} | {100 * r['roofline_fraction']:.0f}% |")
+    return "\n".join(lines)
+
+
+def label(result) -> str:
+    return result["label"].replace("budget_ratio=0.0625", "L/16").replace(
+        "budget_ratio=0.125", "L/8").replace("budget_ratio=0.25", "L/4")
+
+
+def fidelity_tables(result) -> str:
+    out = [where(result)]
+    for task in result["tasks"]:
+        if task["task"] == "ppl":
+            windows = task["windows"]
+            out += ["", f"**Perplexity**, last 256 of {task['context']}-token windows of the "
+                    f"{task['text']} manual, scored one token at a time; {windows} window(s). "
+                    "Ratio to full: lower is better; 1.00 is lossless.", "",
+                    "| policy | ppl | ratio to full | decode ms/token |", "|---|---:|---:|---:|"]
+            for r in task["results"]:
+                out.append(f"| {label(r)} | {r['ppl']:.2f} | {r['ratio_to_full']:.3f} | "
+                           f"{r['decode_ms_per_token']:.1f} |")
+        elif task["task"] == "needle":
+            depths = sorted({w["depth"] for w in task["results"][0]["per_window"]})
+            out += ["", f"**Needle** (passkey) in {task['context']} tokens of the {task['text']} "
+                    f"manual at depths {', '.join(map(str, depths))}: exact-match accuracy.", "",
+                    "| policy | accuracy |", "|---|---:|"]
+            out += [f"| {label(r)} | {r['accuracy']:.2f} |" for r in task["results"]]
+        else:
+            out += ["", f"**Long-form agreement** with full on {task['context']}-token prompts "
+                    f"from the {task['text']} manual (greedy).", "",
+                    "| policy | token agreement | first divergence | ROUGE-L |",
+                    "|---|---:|---:|---:|"]
+            out += [f"| {label(r)} | {r['agreement']:.2f} | {r['first_divergence']:.0f} | "
+                    f"{r['rouge_l']:.2f} |" for r in task["results"]]
+    return "\n".join(out)
+
+
+def plots(speed, fidelity) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if speed:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        caches = list(dict.fromkeys(r["cache"] for r in speed["rows"]))
+        for cache in caches:
+            rows = [r for r in speed["rows"] if r["cache"] == cache]
+            ax.plot([r["context"] for r in rows], [r["decode_ms_per_token"] for r in rows],
+                    marker="o", label=cache)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode ms/token")
+        ax.set_title(f"SmolLM2-135M decode, {speed['provenance']['device']}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "speed.png", dpi=120)
+        made.append("speed.png")
+    if fidelity:
+        ppl = next(t for t in fidelity["tasks"] if t["task"] == "ppl")
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in ppl["results"]:
+            if r["policy"] != "full" and r["args"].get("budget_ratio") != 0.125:
+                continue
+            color = "tab:blue" if r["policy"] == "refreshkv" else (
+                "black" if r["policy"] == "full" else "tab:red")
+            ax.scatter(r["decode_ms_per_token"], r["ratio_to_full"], color=color)
+            ax.annotate(label(r).replace("refreshkv", "R").replace(", L/8", ""),
+                        (r["decode_ms_per_token"], r["ratio_to_full"]), fontsize=6)
+        ax.set_xlabel("decode ms/token (measured on the scored tokens)")
+        ax.set_ylabel("perplexity / full")
+        ax.set_title("RefreshKV settings (blue) vs other policies (red), budget L/8")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "tradeoff.png", dpi=120)
+        made.append("tradeoff.png")
+    return made
+
+
+def main():
+    speed = load("speed_cpu")
+    fidelity = load("fidelity")
+    readme = README.read_text()
+    for name in ("cpu_setup", "sparse_attention_cpu"):
+        table = RESULTS / f"{name}.md"
+        if table.exists():
+            readme = replace_section(readme, name, table.read_text().strip())
+    if speed:
+        (RESULTS / "speed_cpu.md").write_text(speed_table(speed) + "\n")
+        readme = replace_section(readme, "speed", speed_table(speed)
+                                 + "\n\n![decode ms/token](benchmarks/results/speed.png)")
+    if fidelity:
+        (RESULTS / "fidelity.md").write_text(fidelity_tables(fidelity) + "\n")
+        readme = replace_section(readme, "fidelity", fidelity_tables(fidelity)
+                                 + "\n\n![trade-off](benchmarks/results/tradeoff.png)")
+    plots(speed, fidelity)
+    README.write_text(readme)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Decode ms/token, prefill tokens/s, bytes held and peak memory against
+context length, for every policy and mlx-lm's own caches, in one process,
+interleaved and repeated so noise shows. SmolLM2 on real text (coreutils manual).
+
+    python benchmarks/speed.py [--quick]
+
+Writes benchmarks/results/speed_<backend>.json. Each row also carries the
+roofline: bytes a decode step must move (weights + attended KV) over the
+measured copy bandwidth, as a fraction of the measured step time.
+"""
+
+import argparse
+import gzip
+import statistics
+import time
+
+import mlx.core as mx
+from common import (MLX_LM_CACHES, OUR_POLICIES, device_label, memory_bandwidth_gbs,
+                    with_budget, write_result)
+
+from mlx_kvcache import load, make_cache
+from mlx_kvcache.loading import parameter_bytes
+from tests.helpers import mlx_lm_twin
+
+TEXT = "/usr/share/info/coreutils.info.gz"
+
+
+def prefill(model, cache, prompt):
+    for i in range(0, len(prompt) - 1, 2048):
+        model(mx.array(prompt[i : min(i + 2048, len(prompt) - 1)])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    logits = model(mx.array(prompt[-1:])[None], cache=cache)
+    token = logits[0, -1].argmax()
+    mx.eval(token)
+    return token
+
+
+def decode(model, cache, token, steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model(token.reshape(1, 1), cache=cache)[0, -1].argmax()
+        mx.eval(token)
+    return token, (time.perf_counter() - start) / steps * 1e3
+
+
+def attended_rows(label, cache, context, budget):
+    """KV rows a decode step reads per layer and KV head (partial steps for
+    refreshkv; its refresh steps read all keys)."""
+    if label in ("full", "mlx-lm KVCache") or label.startswith("mlx-lm Quantized"):
+        return context
+    return budget
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    contexts = [1024, 4096] if args.quick else [1024, 2048, 4096, 8000]
+    repeats, steps = (3, 8) if args.quick else (5, 16)
+
+    model, tokenizer = load("smollm2")
+    twin = mlx_lm_twin(model)
+    with gzip.open(TEXT, "rt") as f:
+        tokens = tokenizer.encode(f.read()[: 60 * max(contexts)], add_special_tokens=False)
+    bandwidth = memory_bandwidth_gbs()
+    weight_bytes = parameter_bytes(model)
+    a = model.args
+    row_bytes = a.num_hidden_layers * a.num_key_value_heads * (a.hidden_size // a.num_attention_heads) * 2 * 4
+    rows = []
+    for context in contexts:
+        prompt = tokens[:context]
+        budget = context // 8
+        runs = {}
+        for label, (policy, policy_args) in OUR_POLICIES.items():
+            runs[label] = (model, lambda p=policy, pa=policy_args: make_cache(
+                model, p, **with_budget(p, pa, budget)))
+        for label, factory in MLX_LM_CACHES.items():
+            runs[label] = (twin, lambda f=factory: [f(budget) for _ in twin.layers])
+        state = {}
+        for label, (m, build) in runs.items():
+            cache = build()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            start = time.perf_counter()
+            token = prefill(m, cache, prompt)
+            prefill_s = time.perf_counter() - start
+            token, _ = decode(m, cache, token, steps)  # warm-up round
+            state[label] = {"cache": cache, "token": token, "ms": [], "prefill_s": prefill_s,
+                            "peak_delta": mx.get_peak_memory() - base}
+            print(f"{context} {label}: prefill {context / prefill_s:.0f} tok/s", flush=True)
+        for _ in range(repeats):
+            for label, (m, _) in runs.items():
+                s = state[label]
+                s["token"], ms = decode(m, s["cache"], s["token"], steps)
+                s["ms"].append(ms)
+        for label, s in state.items():
+            ms = statistics.median(s["ms"])
+            moved = weight_bytes + attended_rows(label, s["cache"], context, budget) * row_bytes
+            kv_bytes = sum(c.nbytes for c in s["cache"])
+            row = {"context": context, "cache": label, "budget": None if label in (
+                       "full", "mlx-lm KVCache") or "Quantized" in label else budget,
+                   "decode_ms_per_token": ms, "decode_ms_all": s["ms"],
+                   "prefill_tok_per_s": context / s["prefill_s"], "kv_bytes": kv_bytes,
+                   "peak_memory_delta_bytes": s["peak_delta"],
+                   "bytes_moved_per_step": moved,
+                   "roofline_fraction": (moved / (bandwidth * 1e9)) / (ms / 1e3)}
+            rows.append(row)
+            print(f"{context} {label}: {ms:.1f} ms/token (range {min(s['ms']):.1f}-"
+                  f"{max(s['ms']):.1f}), kv {kv_bytes / 2**20:.1f} MiB", flush=True)
+        del state
+        mx.clear_cache()
+    write_result(f"speed_{device_label()}", {
+        "benchmark": "speed", "model": model.source, "text": TEXT, "quick": args.quick,
+        "repeats": repeats, "steps_per_repeat": steps, "budget": "context/8",
+        "bandwidth_gb_per_s": bandwidth, "weight_bytes": weight_bytes, "rows": rows})
+
+
+if __name__ == "__main__":
+    from mlx_kvcache.process import exit_now
+
+    main()
+    exit_now(0)

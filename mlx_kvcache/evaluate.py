@@ -1,0 +1,300 @@
+"""Fidelity of cache policies on real text, and `python -m mlx_kvcache.evaluate`.
+
+Three tasks, each run for several policies on the same windows in one process:
+- ppl: perplexity of the last `score_last` tokens of each `context`-token window,
+  the prompt prefilled and the scored tokens fed ONE AT A TIME, so decode-time
+  policy behaviour (partial steps, refreshes, evictions) is what is measured;
+- needle: a passkey sentence at each depth of a real-text haystack, the model
+  asked for it, exact match;
+- longform: a greedy continuation under the policy against the one under
+  `full`: token agreement, first divergence, ROUGE-L.
+"""
+
+import argparse
+import gzip
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+
+from mlx_kvcache.errors import UserError
+from mlx_kvcache.cli import Parser, add_policy_flags, number, write_json_atomic
+from mlx_kvcache.policies import POLICIES, make_cache, parameters
+
+PREFILL_STEP = 2048
+
+
+@dataclass
+class PolicySpec:
+    """A policy and the arguments it was given (the budget resolved per window)."""
+
+    name: str
+    args: Dict[str, object] = field(default_factory=dict)
+
+    def resolved(self, prompt_tokens: int) -> dict:
+        args = dict(self.args)
+        ratio = args.pop("budget_ratio", None)
+        # A ratio becomes tokens of this window's prompt for every policy, so
+        # policies compared side by side hold the same budget.
+        if ratio is not None:
+            args["budget"] = max(1, math.ceil(ratio * prompt_tokens))
+        return args
+
+    def cache(self, model, prompt_tokens: int):
+        return make_cache(model, self.name, **self.resolved(prompt_tokens))
+
+    def check(self, prompt_tokens: int) -> None:
+        """Raise UserError now for settings that would fail mid-run."""
+        POLICIES[self.name](**self.resolved(prompt_tokens))
+
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in self.args.items())
+        return f"{self.name}({shown})" if shown else self.name
+
+
+def read_text(path: str) -> str:
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+                return f.read()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def windows(tokens: List[int], length: int, count: int) -> List[List[int]]:
+    """`count` windows of `length` tokens at evenly spaced, fixed offsets."""
+    if len(tokens) < length:
+        raise UserError(f"the text has {len(tokens)} tokens, fewer than --context {length}")
+    if count == 1:
+        return [tokens[:length]]
+    stride = (len(tokens) - length) // (count - 1)
+    return [tokens[i * stride : i * stride + length] for i in range(count)]
+
+
+def prefill(model, cache, tokens: List[int]) -> None:
+    """All but the last token, in chunks, as the generation loop does."""
+    for i in range(0, len(tokens) - 1, PREFILL_STEP):
+        model(mx.array(tokens[i : min(i + PREFILL_STEP, len(tokens) - 1)])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def window_nll(model, spec: PolicySpec, window: List[int], score_last: int):
+    """(mean negative log-likelihood of the window's last `score_last` tokens,
+    milliseconds per scored token)."""
+    prompt = window[:-score_last]
+    cache = spec.cache(model, len(prompt))
+    prefill(model, cache, prompt)
+    total = mx.array(0.0)
+    start = time.perf_counter()
+    for i in range(len(prompt) - 1, len(window) - 1):
+        logits = model(mx.array([[window[i]]]), cache=cache)[0, -1].astype(mx.float32)
+        total = total + mx.logsumexp(logits) - logits[window[i + 1]]
+        mx.eval(total)
+    decode_ms = (time.perf_counter() - start) / score_last * 1e3
+    return total.item() / score_last, decode_ms
+
+
+def greedy(model, cache, prompt: List[int], max_tokens: int, stop=()) -> List[int]:
+    prefill(model, cache, prompt)
+    token, out = prompt[-1], []
+    for _ in range(max_tokens):
+        token = model(mx.array([[token]]), cache=cache)[0, -1].argmax().item()
+        if token in stop:
+            break
+        out.append(token)
+    return out
+
+
+def rouge_l(candidate: List[int], reference: List[int]) -> float:
+    """ROUGE-L F1 over tokens (longest common subsequence)."""
+    if not candidate or not reference:
+        return 0.0
+    previous = [0] * (len(reference) + 1)
+    for c in candidate:
+        row = [0]
+        for j, r in enumerate(reference):
+            row.append(previous[j] + 1 if c == r else max(previous[j + 1], row[j]))
+        previous = row
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(candidate), lcs / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+NEEDLE_INTRO = ("There is an important piece of information hidden inside a lot of "
+                "irrelevant text. Find it and memorize it. I will quiz you about it.\n\n")
+NEEDLE_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def needle_prompt(tokenizer, haystack: List[int], context: int, depth: float, key: str):
+    intro = tokenizer.encode(NEEDLE_INTRO)
+    needle = tokenizer.encode(" " + NEEDLE.format(key=key) + " ", add_special_tokens=False)
+    question = tokenizer.encode(NEEDLE_QUESTION, add_special_tokens=False)
+    room = context - len(intro) - len(needle) - len(question)
+    if room <= 0:
+        raise UserError(f"--context {context} is too short for the needle task")
+    filler = haystack[:room]
+    at = int(depth * len(filler))
+    return intro + filler[:at] + needle + filler[at:] + question
+
+
+def run_task(task: str, model, tokenizer, specs: List[PolicySpec], args, log) -> dict:
+    results = [{"policy": s.name, "args": s.args, "label": s.label(), "per_window": []}
+               for s in specs]
+    if task == "needle":
+        haystack = tokenizer.encode(read_text(args.haystack_file), add_special_tokens=False)
+        keys = random.Random(args.seed)
+        trials = [(d, str(keys.randint(10000, 99999))) for d in args.depths
+                  for _ in range(args.windows)]
+        for depth, key in trials:
+            prompt = needle_prompt(tokenizer, haystack, args.context, depth, key)
+            for spec, result in zip(specs, results):
+                answer = tokenizer.decode(greedy(model, spec.cache(model, len(prompt)), prompt,
+                                                 8, tokenizer.eos_token_ids))
+                found = key in answer
+                result["per_window"].append({"depth": depth, "key": key, "answer": answer,
+                                             "correct": found})
+                log(f"needle depth {depth:.2f} {spec.label()}: {found}")
+        for result in results:
+            hits = [w["correct"] for w in result["per_window"]]
+            result["accuracy"] = sum(hits) / len(hits)
+        metric = "accuracy"
+    else:
+        tokens = tokenizer.encode(read_text(args.text_file), add_special_tokens=False)
+        cut = windows(tokens, args.context, args.windows)
+        for w, window in enumerate(cut):
+            reference = None
+            for spec, result in zip(specs, results):
+                start = time.perf_counter()
+                if task == "ppl":
+                    nll, decode_ms = window_nll(model, spec, window, args.score_last)
+                    entry = {"window": w, "nll": nll, "ppl": math.exp(nll),
+                             "decode_ms_per_token": decode_ms}
+                else:
+                    prompt = window
+                    out = greedy(model, spec.cache(model, len(prompt)), prompt, args.max_tokens)
+                    if reference is None:
+                        reference = out if spec.name == "full" else greedy(
+                            model, make_cache(model, "full"), prompt, args.max_tokens)
+                    same = [a == b for a, b in zip(out, reference)]
+                    entry = {"window": w,
+                             "agreement": sum(same) / max(len(reference), 1),
+                             "first_divergence": same.index(False) if False in same else len(same),
+                             "rouge_l": rouge_l(out, reference)}
+                entry["seconds"] = time.perf_counter() - start
+                result["per_window"].append(entry)
+                log(f"{task} window {w} {spec.label()}: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in entry.items()
+                                if isinstance(v, float)))
+        for result in results:
+            per = result["per_window"]
+            if task == "ppl":
+                result["ppl"] = math.exp(sum(p["nll"] for p in per) / len(per))
+                result["decode_ms_per_token"] = sum(
+                    p["decode_ms_per_token"] for p in per) / len(per)
+            else:
+                for key in ("agreement", "first_divergence", "rouge_l"):
+                    result[key] = sum(p[key] for p in per) / len(per)
+        metric = "ppl" if task == "ppl" else "agreement"
+
+    full = next((r for r in results if r["policy"] == "full" and not r["args"]), None)
+    for result in results:
+        result["ratio_to_full"] = (result[metric] / full[metric]
+                                   if full and full[metric] else None)
+    return {"task": task, "model": model.source, "context": args.context,
+            "metric": metric, "results": results}
+
+
+def setup_arg_parser():
+    parser = Parser(prog="python -m mlx_kvcache.evaluate",
+                     description="Fidelity of KV-cache policies on real text.")
+    parser.add_argument("--task", choices=["ppl", "needle", "longform"], required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--policy", default="full",
+                        help="comma-separated policies, compared on the same windows")
+    parser.add_argument("--text-file", default=None, help="ppl, longform: the text (.gz ok)")
+    parser.add_argument("--haystack-file", default=None, help="needle: the filler text")
+    parser.add_argument("--context", type=number(int, 16), default=2048,
+                        help="tokens per window (prompt + scored tokens)")
+    parser.add_argument("--score-last", type=number(int, 1), default=256)
+    parser.add_argument("--windows", type=number(int, 1), default=4,
+                        help="windows per text (needle: trials per depth)")
+    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--max-tokens", type=number(int, 1), default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the results here")
+    add_policy_flags(parser)
+    return parser
+
+
+def specs_from_args(args) -> List[PolicySpec]:
+    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    flags = {name: getattr(args, name) for cls in POLICIES.values()
+             for name in parameters(cls) if getattr(args, name, None) is not None}
+    ratio = flags.get("budget_ratio")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise UserError(f"--budget-ratio must be in (0, 1], got {ratio}")
+    specs = []
+    for name in names:
+        if name not in POLICIES:
+            raise UserError(f"unknown policy {name!r} (available: {', '.join(sorted(POLICIES))})")
+        accepted = parameters(POLICIES[name])
+        given = {k: v for k, v in flags.items()
+                 if k in accepted or (k == "budget_ratio" and "budget" in accepted)}
+        specs.append(PolicySpec(name, given))
+    unused = set(flags) - {k for s in specs for k in s.args}
+    if unused:
+        raise UserError(f"{', '.join('--' + u.replace('_', '-') for u in sorted(unused))} "
+                        f"applies to none of: {', '.join(names)}")
+    return specs
+
+
+def main(argv=None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        if args.task in ("ppl", "longform") and not args.text_file:
+            raise UserError(f"--task {args.task} needs --text-file")
+        if args.task == "needle" and not args.haystack_file:
+            raise UserError("--task needle needs --haystack-file")
+        if args.task == "ppl" and args.score_last >= args.context:
+            raise UserError("--score-last must be smaller than --context")
+        try:
+            args.depths = [float(d) for d in args.depths.split(",")]
+        except ValueError:
+            raise UserError(f"--depths: comma-separated fractions, got {args.depths!r}") from None
+        specs = specs_from_args(args)
+        for spec in specs:
+            spec.check(args.context - (args.score_last if args.task == "ppl" else 0))
+        from mlx_kvcache.loading import load
+
+        model, tokenizer = load(args.model)
+        if model.context_length and args.context > model.context_length:
+            raise UserError(f"--context {args.context} exceeds the model's context "
+                            f"({model.context_length} tokens)")
+        report = run_task(args.task, model, tokenizer, specs, args,
+                          lambda line: print(line, file=sys.stderr, flush=True))
+        for result in report["results"]:
+            value = result[report["metric"]]
+            ratio = result["ratio_to_full"]
+            print(f"{result['label']}: {report['metric']} {value:.4f}"
+                  + (f" ({ratio:.3f}x full)" if ratio else ""))
+        if args.json:
+            write_json_atomic(args.json, report)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from mlx_kvcache.process import exit_now
+
+    exit_now(main())

@@ -1,0 +1,114 @@
+"""python -m mlx_kvcache.evaluate: the three fidelity tasks, their JSON, and
+their errors. Run on a tiny random-weight model written as a GGUF file, so the
+protocol (not the model) is what is tested."""
+
+import json
+
+import pytest
+
+from mlx_kvcache.evaluate import main, needle_prompt, rouge_l, windows
+from tests.helpers import tiny_model, write_gguf
+
+TEXT = "/usr/share/common-licenses/GPL-3"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return str(write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", tiny_model("llama3")))
+
+
+def evaluate(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_rouge_l_and_windows():
+    assert rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert rouge_l([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
+    assert rouge_l([5], [1, 2]) == 0.0
+    cut = windows(list(range(100)), 10, 4)
+    assert [w[0] for w in cut] == [0, 30, 60, 90] and all(len(w) == 10 for w in cut)
+
+
+def test_ppl_compares_policies_on_the_same_windows(tmp_path, capsys, tiny_gguf):
+    out_json = tmp_path / "ppl.json"
+    code, out, err = evaluate(
+        capsys, "--task", "ppl", "--model", tiny_gguf, "--text-file", TEXT,
+        "--context", "160", "--score-last", "32", "--windows", "2",
+        "--policy", "full,streaming,refreshkv", "--budget-ratio", "2.0",
+        "--json", str(out_json))
+    assert code == 1 and "--budget-ratio" in err  # ratios are fractions
+    code, out, err = evaluate(
+        capsys, "--task", "ppl", "--model", tiny_gguf, "--text-file", TEXT,
+        "--context", "160", "--score-last", "32", "--windows", "2",
+        "--policy", "full,streaming,refreshkv,h2o", "--budget", "4096", "--json", str(out_json))
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    assert report["task"] == "ppl" and report["context"] == 160
+    full, streaming, refresh, h2o = report["results"]
+    assert full["args"] == {} and streaming["args"] == {"budget": 4096}
+    assert len(full["per_window"]) == 2
+    # Budgets covering the window: every policy gives full's perplexity.
+    for result in (streaming, refresh, h2o):
+        assert result["ppl"] == full["ppl"] and result["ratio_to_full"] == 1.0
+    assert "streaming(budget=4096): ppl" in out
+
+    code, out, err = evaluate(
+        capsys, "--task", "ppl", "--model", tiny_gguf, "--text-file", TEXT,
+        "--context", "160", "--score-last", "32", "--windows", "1",
+        "--policy", "full,streaming,snapkv", "--budget-ratio", "0.25", "--window", "8",
+        "--json", str(out_json))
+    assert code == 0, err
+    full, streaming, snapkv = json.loads(out_json.read_text())["results"]
+    assert streaming["args"] == {"budget_ratio": 0.25}
+    assert streaming["ppl"] != full["ppl"] and snapkv["ppl"] != full["ppl"]
+
+
+def test_longform_and_needle(tmp_path, capsys, tiny_gguf):
+    out_json = tmp_path / "lf.json"
+    code, _, err = evaluate(
+        capsys, "--task", "longform", "--model", tiny_gguf, "--text-file", TEXT,
+        "--context", "128", "--max-tokens", "12", "--windows", "1",
+        "--policy", "full,streaming", "--budget", "32", "--json", str(out_json))
+    assert code == 0, err
+    full, streaming = json.loads(out_json.read_text())["results"]
+    assert full["agreement"] == 1.0 and full["rouge_l"] == 1.0
+    assert full["first_divergence"] == 12
+    assert 0 <= streaming["agreement"] <= 1
+
+    code, _, err = evaluate(
+        capsys, "--task", "needle", "--model", tiny_gguf, "--haystack-file", TEXT,
+        "--context", "600", "--depths", "0.2,0.8", "--windows", "1",
+        "--policy", "full", "--json", str(out_json))
+    assert code == 0, err
+    (full,) = json.loads(out_json.read_text())["results"]
+    assert [w["depth"] for w in full["per_window"]] == [0.2, 0.8]
+    assert 0 <= full["accuracy"] <= 1
+
+
+def test_needle_prompt_places_the_key_at_depth(smollm2):
+    _, tokenizer = smollm2
+    haystack = tokenizer.encode(open(TEXT).read(), add_special_tokens=False)
+    for depth in (0.1, 0.9):
+        prompt = needle_prompt(tokenizer, haystack, 1000, depth, "48213")
+        assert len(prompt) == 1000
+        text = tokenizer.decode(prompt)
+        where = text.index("The pass key is 48213") / len(text)
+        assert abs(where - depth) < 0.1
+        assert text.endswith("The pass key is")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--task", "ppl"], "needs --text-file"),
+    (["--task", "ppl", "--text-file", "/nonexistent.txt"], "cannot read"),
+    (["--task", "ppl", "--text-file", TEXT, "--policy", "full,lru"], "unknown policy 'lru'"),
+    (["--task", "ppl", "--text-file", TEXT, "--policy", "full", "--budget", "8"],
+     "--budget applies to none of: full"),
+    (["--task", "ppl", "--text-file", TEXT, "--context", "100", "--score-last", "100"],
+     "--score-last"),
+    (["--task", "needle", "--haystack-file", TEXT, "--depths", "a,b"], "--depths"),
+])
+def test_bad_input_is_one_line(capsys, tiny_gguf, argv, fragment):
+    code, _, err = evaluate(capsys, "--model", tiny_gguf, *argv)
+    assert code == 1 and fragment in err and len(err.strip().splitlines()) == 1
