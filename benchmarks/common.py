@@ -75,8 +75,17 @@ OUR_POLICIES = {
     "refreshkv (stride 5)": ("refreshkv", {"refresh": "stride", "refresh_every": 5}),
     "refreshkv (score-only, every step)": ("refreshkv", {"refresh": "stride", "refresh_every": 1,
                                                          "refresh_mode": "score"}),
+    "refreshkv (4-bit full cache)": ("refreshkv", {"full_cache_bits": 4}),
+    "quantized 8-bit": ("quantized", {"kv_bits": 8}),
+    "quantized 4-bit": ("quantized", {"kv_bits": 4}),
+    "kivi 4-bit": ("kivi", {"kv_bits": 4}),
+    "kivi 2-bit": ("kivi", {"kv_bits": 2}),
+    "mixed (budget 16-bit, rest 4-bit)": ("mixed", {"kv_bits": 4}),
 }
+
+# Policies whose size does not depend on a token budget.
+UNBUDGETED = {"full", "quantized", "kivi"}
 
 
 def with_budget(name: str, args: dict, budget: int) -> dict:
-    return args if name == "full" else dict(args, budget=budget)
+    return args if name in UNBUDGETED else dict(args, budget=budget)

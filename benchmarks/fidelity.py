@@ -18,10 +18,11 @@ Writes benchmarks/results/fidelity.json.
 import argparse
 from types import SimpleNamespace
 
-from common import write_result
+from common import MLX_LM_CACHES, write_result
 
 from mlx_kvcache import load
 from mlx_kvcache.evaluate import PolicySpec, run_task
+from tests.helpers import mlx_lm_twin
 
 TEXTS = {
     "coreutils": "/usr/share/info/coreutils.info.gz",
@@ -29,16 +30,39 @@ TEXTS = {
     "find": "/usr/share/info/find.info-1.gz",
 }
 OTHERS = ["streaming", "snapkv", "h2o", "refreshkv"]
+QUANTIZED = [
+    PolicySpec("quantized", {"kv_bits": 8}), PolicySpec("quantized", {"kv_bits": 4}),
+    PolicySpec("kivi", {"kv_bits": 4}), PolicySpec("kivi", {"kv_bits": 2}),
+    PolicySpec("mixed", {"budget_ratio": 1 / 8, "kv_bits": 4}),
+    PolicySpec("refreshkv", {"budget_ratio": 1 / 8, "full_cache_bits": 4}),
+]
 
 
-def tradeoff_specs(ratio):
+class MlxLmSpec:
+    """One of mlx-lm's caches, run on mlx-lm's model through the same protocol."""
+
+    def __init__(self, label, factory):
+        self.name, self.args, self._label, self.factory = label, {}, label, factory
+
+    def label(self):
+        return self._label
+
+    def cache(self, model, prompt_tokens):
+        return [self.factory(max(1, prompt_tokens // 8)) for _ in model.layers]
+
+
+def tradeoff_specs(ratio, quick):
     def refresh(**kw):
         return PolicySpec("refreshkv", {"budget_ratio": ratio, **kw})
 
-    specs = [refresh(refresh="stride", refresh_every=s) for s in (1, 2, 5, 10, 20)]
-    specs += [refresh(refresh="stride", refresh_every=s, refresh_mode="score") for s in (1, 5)]
-    specs += [refresh(refresh="query", qc=5, threshold=t) for t in (0.8, 0.9, 0.95)]
-    specs += [refresh(refresh="stride", refresh_every=5, sinks=4, recent=128)]
+    strides = (1, 5, 20) if quick else (1, 2, 5, 10, 20)
+    specs = [refresh(refresh="stride", refresh_every=s) for s in strides]
+    specs += [refresh(refresh="stride", refresh_every=s, refresh_mode="score")
+              for s in ((1,) if quick else (1, 5))]
+    specs += [refresh(refresh="query", qc=5, threshold=t)
+              for t in ((0.9,) if quick else (0.8, 0.9, 0.95))]
+    if not quick:
+        specs += [refresh(refresh="stride", refresh_every=5, sinks=4, recent=128)]
     specs += [PolicySpec(name, {"budget_ratio": ratio}) for name in ("streaming", "snapkv", "h2o")]
     return specs
 
@@ -55,13 +79,22 @@ def main():
     ratios = [1 / 8] if quick else [1 / 16, 1 / 8, 1 / 4]
     texts = {"coreutils": TEXTS["coreutils"]} if quick else TEXTS
     for text_name, path in texts.items():
-        ns = SimpleNamespace(text_file=path, context=2048 if quick else 4096, score_last=256,
+        ns = SimpleNamespace(text_file=path, context=1024 if quick else 4096, score_last=256,
                              windows=1 if quick else 8)
         specs = [PolicySpec("full")] + [PolicySpec(n, {"budget_ratio": r})
                                         for r in ratios for n in OTHERS]
         if text_name == "coreutils":
-            specs += [s for s in tradeoff_specs(1 / 8) if s not in specs]
+            specs += [s for s in tradeoff_specs(1 / 8, quick) if s not in specs] + QUANTIZED
         result = run_task("ppl", model, tokenizer, specs, ns, log)
+        if text_name == "coreutils":
+            # mlx-lm's own caches on mlx-lm's model, same windows, same protocol.
+            theirs = run_task("ppl", mlx_lm_twin(model), tokenizer,
+                              [MlxLmSpec(label, factory) for label, factory in
+                               MLX_LM_CACHES.items()], ns, log)
+            full_ppl = result["results"][0]["ppl"]
+            for r in theirs["results"]:
+                r["ratio_to_full"] = r["ppl"] / full_ppl
+            result["results"] += theirs["results"]
         result.update(text=text_name, windows=ns.windows)
         report["tasks"].append(result)
         write_result("fidelity", report)

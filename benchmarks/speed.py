@@ -43,19 +43,22 @@ def decode(model, cache, token, steps):
     return token, (time.perf_counter() - start) / steps * 1e3
 
 
-def attended_rows(label, cache, context, budget):
-    """KV rows a decode step reads per layer and KV head (partial steps for
-    refreshkv; its refresh steps read all keys)."""
-    if label in ("full", "mlx-lm KVCache") or label.startswith("mlx-lm Quantized"):
-        return context
-    return budget
+def attended_bytes(label, cache, context, budget, row_bytes):
+    """KV bytes a decode step reads: every row held for caches that attend to
+    all they hold; `budget` full-precision rows for streaming, snapkv, h2o and
+    refreshkv's partial steps (its refresh steps read all keys)."""
+    if label.startswith(("streaming", "snapkv", "h2o", "refreshkv")):
+        return budget * row_bytes
+    if label in ("full", "mlx-lm KVCache"):
+        return context * row_bytes
+    return sum(c.nbytes for c in cache)  # quantized: what is held is what is read
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    contexts = [1024, 4096] if args.quick else [1024, 2048, 4096, 8000]
+    contexts = [2048] if args.quick else [1024, 2048, 4096, 8000]
     repeats, steps = (3, 8) if args.quick else (5, 16)
 
     model, tokenizer = load("smollm2")
@@ -95,10 +98,11 @@ def main():
                 s["ms"].append(ms)
         for label, s in state.items():
             ms = statistics.median(s["ms"])
-            moved = weight_bytes + attended_rows(label, s["cache"], context, budget) * row_bytes
+            moved = weight_bytes + attended_bytes(label, s["cache"], context, budget, row_bytes)
             kv_bytes = sum(c.nbytes for c in s["cache"])
-            row = {"context": context, "cache": label, "budget": None if label in (
-                       "full", "mlx-lm KVCache") or "Quantized" in label else budget,
+            budgeted = label.startswith(("streaming", "snapkv", "h2o", "refreshkv", "mixed",
+                                         "mlx-lm Rotating"))
+            row = {"context": context, "cache": label, "budget": budget if budgeted else None,
                    "decode_ms_per_token": ms, "decode_ms_all": s["ms"],
                    "prefill_tok_per_s": context / s["prefill_s"], "kv_bytes": kv_bytes,
                    "peak_memory_delta_bytes": s["peak_delta"],

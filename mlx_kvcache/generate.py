@@ -181,7 +181,8 @@ def setup_arg_parser():
     parser.add_argument("--policy", default=None, choices=sorted(POLICIES),
                         help="KV-cache policy (default: full)")
     parser.add_argument("--max-kv-size", type=number(int, 1), default=None,
-                        help="mlx-lm's flag: the same as --policy streaming --budget N")
+                        help="mlx-lm's flag: the same as --policy streaming --budget N "
+                        "(with --kv-bits, the window is stored quantized)")
     parser.add_argument("--prefill-step-size", type=number(int, 1),
                         default=DEFAULT_PREFILL_STEP, help="prompt tokens per prefill chunk")
     parser.add_argument("--keep-quantized", action="store_true",
@@ -233,9 +234,11 @@ def _progress_bar(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def _resolve_max_kv_size(args) -> None:
+def _resolve_mlx_lm_flags(args) -> None:
+    """mlx-lm's --max-kv-size and --kv-bits, alone, pick the policy they imply."""
     if args.max_kv_size is None:
-        args.policy = args.policy or "full"
+        if args.policy is None:
+            args.policy = "quantized" if args.kv_bits is not None else "full"
         return
     if args.policy not in (None, "streaming"):
         raise UserError(f"--max-kv-size means --policy streaming; it cannot go with "
@@ -248,7 +251,7 @@ def _resolve_max_kv_size(args) -> None:
 def run(args) -> None:
     from mlx_kvcache.loading import load
 
-    _resolve_max_kv_size(args)
+    _resolve_mlx_lm_flags(args)
     policy_flags = {
         name: getattr(args, name) for name in args.policy_flags
         if getattr(args, name) is not None

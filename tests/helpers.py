@@ -13,8 +13,8 @@ from mlx_kvcache.models import build_model
 # q/k norm, biases), small enough to run in milliseconds.
 TINY_CONFIGS = {
     "llama3": {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2,
+        "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5, "vocab_size": 320, "max_position_embeddings": 2048,
         "rope_theta": 500000.0, "tie_word_embeddings": False,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

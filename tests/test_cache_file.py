@@ -17,6 +17,12 @@ SETTINGS = [
     ("refreshkv", {"budget": 12, "qc": 2}),
     ("refreshkv", {"budget_ratio": 0.2, "refresh": "stride", "refresh_every": 3,
                    "refresh_mode": "score"}),
+    ("refreshkv", {"budget": 12, "full_cache_bits": 4, "kv_group_size": 32}),
+    ("quantized", {"kv_bits": 4, "kv_group_size": 32}),
+    ("quantized", {"kv_bits": 8, "kv_group_size": 32, "quantized_kv_start": 64}),
+    ("kivi", {"kv_bits": 2, "residual": 16}),
+    ("mixed", {"budget": 20, "kv_group_size": 32, "high_bits": 8}),
+    ("streaming", {"budget": 24, "kv_bits": 4, "kv_group_size": 32}),
 ]
 PROMPT = [(7 * i + 3) % 256 for i in range(60)]
 TOKENS = [(13 * i + 40) % 256 for i in range(16)]

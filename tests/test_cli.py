@@ -162,3 +162,23 @@ def test_every_policy_generates_from_the_cli(tmp_path, manual_prompt, args, kept
 ])
 def test_invalid_policy_settings_get_one_line(args, fragment):
     assert_one_line_error(run_cli("--prompt", "hi", *args), fragment)
+
+
+@pytest.mark.parametrize("args, check", [
+    (["--kv-bits", "4"], lambda s: s["policy"] == "quantized"),
+    (["--max-kv-size", "64", "--kv-bits", "4"],
+     lambda s: s["policy"] == "streaming" and s["policy_stats"][0]["kept_tokens"] == 64),
+    (["--policy", "kivi", "--kv-bits", "2", "--residual", "32"],
+     lambda s: s["policy_stats"][0]["quantized_tokens"] > 0),
+    (["--policy", "mixed", "--budget", "32", "--high-bits", "8"],
+     lambda s: s["policy_stats"][0]["demoted_tokens"] > 0),
+    (["--policy", "refreshkv", "--budget", "32", "--full-cache-bits", "4"],
+     lambda s: s["policy_stats"][0]["retained_tokens"] == 32),
+])
+def test_quantized_policies_from_the_cli(tmp_path, manual_prompt, args, check):
+    stats_path = tmp_path / "stats.json"
+    result = run_cli("--prompt-file", str(manual_prompt), "--max-tokens", "4",
+                     "--stats-json", str(stats_path), *args)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(stats_path.read_text())
+    assert check(stats), stats["policy_stats"][0]

@@ -4,6 +4,7 @@ from typing import ClassVar, Optional
 import mlx.core as mx
 
 from mlx_kvcache.attention import dense, scores
+from mlx_kvcache.quantized_kv import ExactRows
 
 from .budget import check_budget, resolve_budget
 from .protocol import rotate
@@ -30,77 +31,96 @@ class H2OCache:
 
     def __post_init__(self):
         check_budget(self.name, self.budget, self.budget_ratio)
+        self.codec = ExactRows()  # `mixed` keeps its important rows 8-bit
         self.keys = self.values = None
         self.accumulated = None  # [B, Hkv, n] float32
         self.kept_positions = None  # [B, Hkv, n] int32: evictions differ per head
         self.capacity = None  # tokens kept, fixed at the first cut
         self.offset = 0
+        self.dtype = None
 
     def attend(self, queries, keys, values, *, rope, scale, mask):
+        queries, keys, values = self.store(queries, keys, values, rope)
+        # Kept tokens are in position order until the first eviction; after it
+        # only single-token steps come, which need no mask.
+        out = dense(queries, keys, values, scale=scale, mask=mask)
+        self.accumulate(queries, keys, scale)
+        if queries.shape[2] == 1:
+            self.cut()
+        return out
+
+    def store(self, queries, keys, values, rope):
+        """Rotate, append; return the queries and every kept key/value row."""
         B, n_kv_heads, L, _ = keys.shape
+        self.dtype = values.dtype
         queries = rotate(rope, queries, self.offset)
         keys = rotate(rope, keys, self.offset)
         positions = mx.broadcast_to(
             mx.arange(self.offset, self.offset + L, dtype=mx.int32), (B, n_kv_heads, L))
-        if self.keys is None:
-            self.keys, self.values, self.kept_positions = keys, values, positions
-            self.accumulated = mx.zeros((B, n_kv_heads, L), mx.float32)
+        zeros = mx.zeros((B, n_kv_heads, L), mx.float32)
+        self.keys = self.codec.concat(self.keys, self.codec.encode(keys))
+        self.values = self.codec.concat(self.values, self.codec.encode(values))
+        if self.kept_positions is None:
+            self.kept_positions, self.accumulated = positions, zeros
         else:
-            self.keys = mx.concatenate([self.keys, keys], axis=2)
-            self.values = mx.concatenate([self.values, values], axis=2)
             self.kept_positions = mx.concatenate([self.kept_positions, positions], axis=2)
-            self.accumulated = mx.concatenate(
-                [self.accumulated, mx.zeros((B, n_kv_heads, L), mx.float32)], axis=2)
+            self.accumulated = mx.concatenate([self.accumulated, zeros], axis=2)
         self.offset += L
+        return (queries, self.codec.decode(self.keys, self.dtype),
+                self.codec.decode(self.values, self.dtype))
 
-        # Kept tokens are in position order until the first eviction; after it
-        # only single-token steps come, which need no mask.
-        out = dense(queries, self.keys, self.values, scale=scale, mask=mask)
+    def accumulate(self, queries, keys, scale):
+        B, n_kv_heads, n, _ = keys.shape
+        L = queries.shape[2]
         causal = None
         if L > 1:
-            n = self.keys.shape[2]
             causal = mx.arange(n)[None] <= mx.arange(n - L, n)[:, None]
-        probs = scores(queries, self.keys, scale, mask=causal).sum(axis=2)
+        probs = scores(queries, keys, scale, mask=causal).sum(axis=2)
         group = probs.shape[1] // n_kv_heads
         self.accumulated += probs.reshape(B, n_kv_heads, group, -1).sum(axis=2)
 
-        if L == 1:
-            if self.capacity is None:
-                self.capacity = resolve_budget(self.budget, self.budget_ratio, self.offset)
-            self._evict()
-        return out
-
-    def _evict(self):
-        n = self.keys.shape[2]
+    def cut(self):
+        """Evict down to the budget; return the evicted (keys, values) as
+        stored, or None."""
+        if self.capacity is None:
+            self.capacity = resolve_budget(self.budget, self.budget_ratio, self.offset)
+        n = self.kept_positions.shape[2]
         excess = n - self.capacity
         if excess <= 0:
-            return
+            return None
         recent = self.capacity - self.capacity // 2
         # The `recent` newest positions are never candidates.
-        threshold = self.offset - recent
-        candidates = mx.where(self.kept_positions < threshold, self.accumulated, mx.inf)
-        order = mx.argsort(-candidates, axis=-1)[..., : n - excess]
-        keep = mx.sort(order, axis=-1)
-        self.keys = mx.take_along_axis(self.keys, keep[..., None], axis=2)
-        self.values = mx.take_along_axis(self.values, keep[..., None], axis=2)
+        candidates = mx.where(self.kept_positions < self.offset - recent, self.accumulated, mx.inf)
+        order = mx.argsort(-candidates, axis=-1)
+        keep, evicted = mx.sort(order[..., :-excess], axis=-1), order[..., -excess:]
+        dropped = (self.codec.take_per_head(self.keys, evicted),
+                   self.codec.take_per_head(self.values, evicted))
+        self.keys = self.codec.take_per_head(self.keys, keep)
+        self.values = self.codec.take_per_head(self.values, keep)
         self.kept_positions = mx.take_along_axis(self.kept_positions, keep, axis=2)
         self.accumulated = mx.take_along_axis(self.accumulated, keep, axis=2)
+        return dropped
 
     def stats(self) -> dict:
-        return {"kept_tokens": 0 if self.keys is None else self.keys.shape[2]}
+        return {"kept_tokens": 0 if self.kept_positions is None else self.kept_positions.shape[2]}
 
     @property
     def state(self):
         if self.keys is None:
             return {}
-        return {"keys": self.keys, "values": self.values,
+        return {**self.codec.to_state("keys", self.keys),
+                **self.codec.to_state("values", self.values),
                 "kept_positions": self.kept_positions, "accumulated": self.accumulated}
 
     @state.setter
     def state(self, arrays):
-        self.keys, self.values = arrays["keys"], arrays["values"]
+        self.keys = self.codec.from_state("keys", arrays)
+        self.values = self.codec.from_state("values", arrays)
         self.kept_positions, self.accumulated = arrays["kept_positions"], arrays["accumulated"]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state.values())
+        if self.keys is None:
+            return 0
+        return (self.codec.nbytes(self.keys) + self.codec.nbytes(self.values)
+                + self.kept_positions.nbytes + self.accumulated.nbytes)

@@ -5,6 +5,8 @@ import mlx.core as mx
 
 from mlx_kvcache.attention import dense, scores, sparse
 from mlx_kvcache.errors import UserError
+from mlx_kvcache.quantized_kv import (QuantizedKV, block_scores, blocked_attention,
+                                      check_quantization)
 
 from .budget import check_budget, resolve_budget
 from .full import FullCache
@@ -33,6 +35,10 @@ class RefreshKVCache:
     `stride` refreshes every `refresh_every` steps; `query` (the paper's
     default) compares every `qc` steps the head-averaged query with the one of
     the last refresh and refreshes below cosine `threshold`.
+
+    `full_cache_bits` (our extension) stores the whole cache quantized: it is
+    read only to score and on full steps, while the retained rows are kept
+    dequantized in the model's dtype for the partial steps.
     """
 
     name: ClassVar[str] = "refreshkv"
@@ -55,6 +61,9 @@ class RefreshKVCache:
     sinks: int = field(default=0)
     recent: int = field(default=0, metadata={
         "help": "refreshkv: newest tokens always selected at a refresh"})
+    full_cache_bits: Optional[int] = field(default=None, metadata={
+        "parse": int, "help": "refreshkv: store the whole cache quantized to 4 or 8 bits"})
+    kv_group_size: int = 64
 
     def __post_init__(self):
         check_budget(self.name, self.budget, self.budget_ratio, DEFAULT_BUDGET_RATIO)
@@ -64,7 +73,15 @@ class RefreshKVCache:
             raise UserError(f"refreshkv: --threshold is a cosine in [-1, 1], got {self.threshold}")
         if self.sinks < 0 or self.recent < 0:
             raise UserError("refreshkv: --sinks and --recent must be >= 0")
-        self.full_cache = FullCache()
+        if self.full_cache_bits is None:
+            self.full_cache = FullCache()
+        else:
+            if self.full_cache_bits not in (4, 8):
+                raise UserError("refreshkv: --full-cache-bits is 4 or 8")
+            check_quantization(self.name, self.full_cache_bits, self.kv_group_size)
+            self.full_cache = QuantizedKV(self.full_cache_bits, self.kv_group_size)
+        self.offset = 0
+        self.partial_keys = self.partial_values = None  # quantized full cache only
         self.retained = None  # [B, Hkv, k] token indices into the full cache
         self.retained_scores = None  # [B, Hkv, k] float32; new tokens get +inf
         self.capacity = None  # k, fixed at the first selection
@@ -74,28 +91,42 @@ class RefreshKVCache:
         self.partial_steps = 0
 
     @property
-    def offset(self) -> int:
-        return self.full_cache.offset
+    def quantized(self) -> bool:
+        return self.full_cache_bits is not None
 
     def attend(self, queries, keys, values, *, rope, scale, mask):
         schedule_query = queries
         queries = rotate(rope, queries, self.offset)
         if self.query == "post-rope":
             schedule_query = queries
-        keys, values = self.full_cache.append(rotate(rope, keys, self.offset), values)
+        keys = rotate(rope, keys, self.offset)
+        self.offset += keys.shape[2]
+        new_keys, new_values = keys, values
+        if self.quantized:
+            self.full_cache.append(keys, values)
+        else:
+            keys, values = self.full_cache.append(keys, values)
         if queries.shape[2] > 1:
             # Prompt chunks (or a new chat turn): full attention; the next
             # single-token step selects afresh.
             self.retained = None
-            return dense(queries, keys, values, scale=scale, mask=mask)
+            return self._attend_all(queries, keys, values, scale, mask)
         if self.retained is None or self._due(schedule_query):
             return self._full_step(queries, keys, values, scale, schedule_query)
-        self._admit_newest(keys.shape[2] - 1)
+        self._admit_newest(self.offset - 1, new_keys, new_values)
         self.partial_steps += 1
         self.steps_since_refresh += 1
-        return self._sparse(queries, scale)
+        return self._attend_retained(queries, scale)
 
-    def _sparse(self, queries, scale):
+    def _attend_all(self, queries, keys, values, scale, mask):
+        if self.quantized:
+            return blocked_attention(queries, self.full_cache.blocks(), self.offset, scale,
+                                     causal=mask is not None)
+        return dense(queries, keys, values, scale=scale, mask=mask)
+
+    def _attend_retained(self, queries, scale):
+        if self.quantized:
+            return dense(queries, self.partial_keys, self.partial_values, scale=scale)
         # The whole buffers, not the valid slice: gathering rows from a
         # contiguous array does not copy it.
         storage = self.full_cache
@@ -114,22 +145,30 @@ class RefreshKVCache:
         return bool((cosine < self.threshold).any().item())
 
     def _full_step(self, queries, keys, values, scale, schedule_query):
-        n = keys.shape[2]
+        n = self.offset
         if self.capacity is None:
             self.capacity = resolve_budget(
                 self.budget, self.budget_ratio, n, DEFAULT_BUDGET_RATIO)
-        probs = scores(queries, keys, scale)
+        if self.quantized:
+            probs = block_scores(queries, self.full_cache, scale)
+        else:
+            probs = scores(queries, keys, scale)
         self.retained, self.retained_scores = select(
-            probs, keys.shape[1], min(self.capacity, n), pool_kernel=self.pool_kernel,
+            probs, self._kv_heads(keys), min(self.capacity, n), pool_kernel=self.pool_kernel,
             sinks=self.sinks, recent=self.recent)
+        if self.quantized:
+            self.partial_keys, self.partial_values = self.full_cache.gather(self.retained)
         self.refreshed_query = schedule_query.mean(axis=(1, 2)).astype(mx.float32)
         self.full_steps += 1
         self.steps_since_refresh = 0
         if self.refresh_mode == "full":
-            return dense(queries, keys, values, scale=scale, mask=None)
-        return self._sparse(queries, scale)
+            return self._attend_all(queries, keys, values, scale, None)
+        return self._attend_retained(queries, scale)
 
-    def _admit_newest(self, position: int):
+    def _kv_heads(self, keys) -> int:
+        return self.full_cache.keys[0].shape[1] if self.quantized else keys.shape[1]
+
+    def _admit_newest(self, position: int, new_keys, new_values):
         """The new token joins the retained set: appended while the set is
         under budget, else in place of the lowest-scored selected token."""
         B, H, k = self.retained.shape
@@ -138,10 +177,17 @@ class RefreshKVCache:
         if k < self.capacity:
             self.retained = mx.concatenate([self.retained, newest], axis=-1)
             self.retained_scores = mx.concatenate([self.retained_scores, top], axis=-1)
+            if self.quantized:
+                self.partial_keys = mx.concatenate([self.partial_keys, new_keys], axis=2)
+                self.partial_values = mx.concatenate([self.partial_values, new_values], axis=2)
             return
         victim = mx.argmin(self.retained_scores, axis=-1, keepdims=True)
         self.retained = mx.put_along_axis(self.retained, victim, newest, axis=-1)
         self.retained_scores = mx.put_along_axis(self.retained_scores, victim, top, axis=-1)
+        if self.quantized:
+            rows = victim[..., None]
+            self.partial_keys = mx.put_along_axis(self.partial_keys, rows, new_keys, axis=2)
+            self.partial_values = mx.put_along_axis(self.partial_values, rows, new_values, axis=2)
 
     def stats(self) -> dict:
         steps = self.full_steps + self.partial_steps
@@ -150,23 +196,23 @@ class RefreshKVCache:
                 "full_steps": self.full_steps, "partial_steps": self.partial_steps,
                 "effective_stride": steps / self.full_steps if self.full_steps else None}
 
+    def _selection(self) -> dict:
+        arrays = {"retained": self.retained, "retained_scores": self.retained_scores,
+                  "refreshed_query": self.refreshed_query,
+                  "partial_keys": self.partial_keys, "partial_values": self.partial_values}
+        return {k: v for k, v in arrays.items() if v is not None}
+
     @property
     def state(self):
-        arrays = dict(self.full_cache.state)
-        if self.retained is not None:
-            arrays.update(retained=self.retained, retained_scores=self.retained_scores,
-                          refreshed_query=self.refreshed_query)
-        return arrays
+        return {**self.full_cache.state, **self._selection()}
 
     @state.setter
     def state(self, arrays):
-        self.full_cache.state = {"keys": arrays["keys"], "values": arrays["values"]}
-        self.retained = arrays.get("retained")
-        self.retained_scores = arrays.get("retained_scores")
-        self.refreshed_query = arrays.get("refreshed_query")
+        self.full_cache.state = arrays
+        for name in ("retained", "retained_scores", "refreshed_query", "partial_keys",
+                     "partial_values"):
+            setattr(self, name, arrays.get(name))
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.retained is None else (
-            self.retained.nbytes + self.retained_scores.nbytes + self.refreshed_query.nbytes)
-        return self.full_cache.nbytes + extra
+        return self.full_cache.nbytes + sum(a.nbytes for a in self._selection().values())

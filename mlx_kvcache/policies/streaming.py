@@ -5,6 +5,7 @@ import mlx.core as mx
 
 from mlx_kvcache.attention import dense
 from mlx_kvcache.errors import UserError
+from mlx_kvcache.quantized_kv import check_quantization, rows_codec
 
 from .protocol import rotate
 from .registry import register
@@ -21,6 +22,8 @@ class StreamingCache:
     RotatingKVCache). positions="cache": keys are stored before RoPE and rotated
     by their slot in the cache at every step (the paper's choice), so positions
     never exceed the budget and generation can run past the trained context.
+    With `kv_bits` the kept tokens are stored quantized (eviction and
+    quantization compose).
     """
 
     name: ClassVar[str] = "streaming"
@@ -31,6 +34,8 @@ class StreamingCache:
     positions: str = field(default="original", metadata={
         "choices": ["original", "cache"],
         "help": "streaming: RoPE by original position, or by slot in the cache"})
+    kv_bits: Optional[int] = field(default=None, metadata={"parse": int})
+    kv_group_size: int = 64
 
     def __post_init__(self):
         if self.budget is None:
@@ -40,8 +45,11 @@ class StreamingCache:
             raise UserError(f"streaming: --sinks must be in [0, budget), got {self.sinks}")
         if self.positions not in ("original", "cache"):
             raise UserError(f"streaming: --positions is original or cache, not {self.positions!r}")
+        if self.kv_bits is not None:
+            check_quantization(self.name, self.kv_bits, self.kv_group_size)
+        self.codec = rows_codec(self.kv_bits, self.kv_group_size)
         self.window = self.budget - self.sinks
-        self.keys = self.values = None
+        self.keys = self.values = None  # stored by the codec (maybe quantized)
         self.kept_positions = mx.zeros((0,), mx.int32)
         self.offset = 0
 
@@ -57,9 +65,9 @@ class StreamingCache:
         if not by_slot:
             queries, keys = rotate(rope, queries, start), rotate(rope, keys, start)
         new_positions = mx.arange(start, start + L, dtype=mx.int32)
-        if self.keys is not None:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
+        dtype = values.dtype
+        keys = self.codec.concat(self.keys, self.codec.encode(keys))
+        values = self.codec.concat(self.values, self.codec.encode(values))
         positions = mx.concatenate([self.kept_positions, new_positions])
         if L == 1:
             # One query: evict first, then it sees exactly sinks + window, no mask.
@@ -72,12 +80,12 @@ class StreamingCache:
             step_mask = (k_pos <= q_pos) & (
                 (k_pos < self.sinks) | (k_pos > q_pos - self.window)
             )
+        attended_keys = self.codec.decode(keys, dtype)
         if by_slot:
             queries = rotate(rope, queries, positions.shape[0] - L)
-            attended_keys = rotate(rope, keys, 0)
-        else:
-            attended_keys = keys
-        out = dense(queries, attended_keys, values, scale=scale, mask=step_mask)
+            attended_keys = rotate(rope, attended_keys, 0)
+        out = dense(queries, attended_keys, self.codec.decode(values, dtype), scale=scale,
+                    mask=step_mask)
         if L > 1:
             keys, values, positions = self._evict(keys, values, positions)
         self.keys, self.values, self.kept_positions = keys, values, positions
@@ -89,7 +97,7 @@ class StreamingCache:
         if n <= self.budget:
             return keys, values, positions
         keep = mx.concatenate([mx.arange(self.sinks), mx.arange(n - self.window, n)])
-        return keys[:, :, keep], values[:, :, keep], positions[keep]
+        return self.codec.take(keys, keep), self.codec.take(values, keep), positions[keep]
 
     def stats(self) -> dict:
         return {"kept_tokens": self.kept_positions.shape[0]}
@@ -98,15 +106,17 @@ class StreamingCache:
     def state(self):
         if self.keys is None:
             return {}
-        return {"keys": self.keys, "values": self.values, "kept_positions": self.kept_positions}
+        return {**self.codec.to_state("keys", self.keys),
+                **self.codec.to_state("values", self.values),
+                "kept_positions": self.kept_positions}
 
     @state.setter
     def state(self, arrays):
-        self.keys, self.values = arrays["keys"], arrays["values"]
+        self.keys = self.codec.from_state("keys", arrays)
+        self.values = self.codec.from_state("values", arrays)
         self.kept_positions = arrays["kept_positions"]
 
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.nbytes + self.values.nbytes + self.kept_positions.nbytes
+        return (self.codec.nbytes(self.keys) + self.codec.nbytes(self.values)
+                + self.kept_positions.nbytes)

@@ -1,0 +1,86 @@
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import mlx.core as mx
+
+from mlx_kvcache.attention import dense
+from mlx_kvcache.errors import UserError
+from mlx_kvcache.quantized_kv import QuantizedKV, QuantizedRows, blocked_attention, check_quantization
+
+from .h2o import H2OCache
+from .registry import register
+
+
+@register
+@dataclass(eq=False)
+class MixedCache:
+    """Mixed precision ("No Token Left Behind", arXiv 2402.18096): nothing is
+    evicted. The tokens H2O would keep (`budget`: heavy hitters + recent) stay
+    at high precision (`high_bits` 16: the model's dtype, or 8); every token
+    H2O would evict is demoted to `kv_bits` (2-4) instead of dropped.
+
+    Importance is H2O's accumulated attention, over the high-precision set.
+    """
+
+    name: ClassVar[str] = "mixed"
+    budget: Optional[int] = field(default=None, metadata={"parse": int})
+    budget_ratio: Optional[float] = field(default=None, metadata={"parse": float})
+    high_bits: int = field(default=16, metadata={
+        "choices": [16, 8], "help": "mixed: precision of the important tokens"})
+    kv_bits: int = 4
+    kv_group_size: int = 64
+
+    def __post_init__(self):
+        if self.high_bits not in (16, 8):
+            raise UserError(f"mixed: --high-bits is 16 or 8, got {self.high_bits}")
+        if self.kv_bits not in (2, 3, 4):
+            raise UserError(f"mixed: --kv-bits (the demoted tokens) is 2, 3 or 4, got {self.kv_bits}")
+        check_quantization(self.name, self.kv_bits, self.kv_group_size)
+        self.important = H2OCache(budget=self.budget, budget_ratio=self.budget_ratio)
+        if self.high_bits == 8:
+            self.important.codec = QuantizedRows(8, self.kv_group_size)
+        self.demoted = QuantizedKV(self.kv_bits, self.kv_group_size)
+
+    @property
+    def offset(self) -> int:
+        return self.important.offset
+
+    def attend(self, queries, keys, values, *, rope, scale, mask):
+        queries, keys, values = self.important.store(queries, keys, values, rope)
+        if self.demoted.length == 0:
+            out = dense(queries, keys, values, scale=scale, mask=mask)
+        else:
+            # Demoted tokens are all older than the important ones' newest, so
+            # with the important block last a causal mask stays bottom-right.
+            blocks = list(self.demoted.blocks()) + [(self.demoted.length, keys, values)]
+            out = blocked_attention(queries, blocks, self.demoted.length + keys.shape[2], scale,
+                                    causal=mask is not None)
+        self.important.accumulate(queries, keys, scale)
+        if queries.shape[2] == 1:
+            dropped = self.important.cut()
+            if dropped is not None:
+                codec = self.important.codec
+                self.demoted.append(*(codec.decode(rows, values.dtype) for rows in dropped))
+        return out
+
+    def stats(self) -> dict:
+        return {"kept_tokens": self.offset, "high_precision_tokens":
+                self.important.stats()["kept_tokens"], "demoted_tokens": self.demoted.length}
+
+    @property
+    def state(self):
+        return {**{f"important_{k}": v for k, v in self.important.state.items()},
+                **self.demoted.state}
+
+    @state.setter
+    def state(self, arrays):
+        important = {k[len("important_"):]: v for k, v in arrays.items()
+                     if k.startswith("important_")}
+        if important:
+            self.important.state = important
+        if "keys_packed" in arrays:
+            self.demoted.state = arrays
+
+    @property
+    def nbytes(self) -> int:
+        return self.important.nbytes + self.demoted.nbytes

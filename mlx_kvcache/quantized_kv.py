@@ -1,0 +1,244 @@
+"""Quantized KV storage, and attention over it one block at a time.
+
+Keys and values are quantized per token along head_dim with `mx.quantize`
+(affine, `bits` 2/3/4/6/8, groups of `group_size` channels): packed uint32
+words plus a scale and bias per group, so `nbytes` is what is really held.
+
+Attention dequantizes one block of tokens at a time and merges the blocks with
+an online softmax, so no full-precision copy of the cache and no full score
+matrix is ever built: peak memory stays below the full cache's, and it needs
+no `quantized_matmul` (slow on the CPU for this shape, and missing for it on
+MLX's CUDA backend).
+"""
+
+from typing import Iterator, Optional, Tuple
+
+import mlx.core as mx
+
+from mlx_kvcache.errors import UserError
+
+BITS = (2, 3, 4, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+BLOCK_TOKENS = 2048
+
+
+def check_quantization(policy: str, bits: int, group_size: int, head_dim: Optional[int] = None):
+    if bits not in BITS:
+        raise UserError(f"{policy}: --kv-bits must be one of {BITS}, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"{policy}: --kv-group-size must be one of {GROUP_SIZES}, got {group_size}")
+    if head_dim is not None and head_dim % group_size:
+        raise UserError(f"{policy}: head dim {head_dim} is not a multiple of "
+                        f"--kv-group-size {group_size}")
+
+
+class QuantizedKV:
+    """A growing quantized K/V store (blocks of `step` tokens, as FullCache)."""
+
+    step = 256
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits, self.group_size = bits, group_size
+        self.keys = self.values = None  # (packed, scales, biases), capacity rows
+        self.length = 0
+        self.dtype = None
+
+    def _quantize(self, x):
+        if x.shape[-1] % self.group_size:
+            raise UserError(f"head dim {x.shape[-1]} is not a multiple of "
+                            f"--kv-group-size {self.group_size}")
+        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        self.dtype = keys.dtype
+        self._write(self._quantize(keys), self._quantize(values))
+
+    def _write(self, qk, qv) -> None:
+        n = qk[0].shape[2]
+        if self.keys is None or self.length + n > self.keys[0].shape[2]:
+            grow = (n + self.step - 1) // self.step * self.step
+
+            def grown(stored, new):
+                blank = tuple(mx.zeros(a.shape[:2] + (grow,) + a.shape[3:], a.dtype) for a in new)
+                if stored is None:
+                    return blank
+                return tuple(mx.concatenate([s[:, :, : self.length], b], axis=2)
+                             for s, b in zip(stored, blank))
+
+            self.keys, self.values = grown(self.keys, qk), grown(self.values, qv)
+        for stored, new in ((self.keys, qk), (self.values, qv)):
+            for s, a in zip(stored, new):
+                s[:, :, self.length : self.length + n] = a
+        self.length += n
+
+    def rows(self, start: int, stop: int) -> Tuple[mx.array, mx.array]:
+        """Dequantized keys and values of tokens [start, stop)."""
+        def dequantize(stored):
+            w, s, b = (a[:, :, start:stop] for a in stored)
+            return mx.dequantize(w, s, b, group_size=self.group_size, bits=self.bits).astype(
+                self.dtype)
+
+        return dequantize(self.keys), dequantize(self.values)
+
+    def blocks(self, block: int = BLOCK_TOKENS) -> Iterator[Tuple[int, mx.array, mx.array]]:
+        for start in range(0, self.length, block):
+            stop = min(start + block, self.length)
+            yield (start, *self.rows(start, stop))
+
+    def gather(self, indices: mx.array) -> Tuple[mx.array, mx.array]:
+        """Dequantized rows at `indices` [B, H, K] -> [B, H, K, D] each."""
+        def take(stored):
+            parts = [mx.take_along_axis(a, indices[..., None].astype(mx.int32), axis=2)
+                     for a in stored]
+            return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits).astype(
+                self.dtype)
+
+        return take(self.keys), take(self.values)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return {}
+        names = ("packed", "scales", "biases")
+        arrays = {f"keys_{n}": a[:, :, : self.length] for n, a in zip(names, self.keys)}
+        arrays.update({f"values_{n}": a[:, :, : self.length] for n, a in zip(names, self.values)})
+        return arrays
+
+    @state.setter
+    def state(self, arrays):
+        names = ("packed", "scales", "biases")
+        self.keys = self.values = None
+        self.length = 0
+        # Through _write, so the buffers regain the capacity they grow by.
+        self._write(tuple(arrays[f"keys_{n}"] for n in names),
+                    tuple(arrays[f"values_{n}"] for n in names))
+        self.dtype = self.keys[1].dtype
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(a.nbytes for a in self.keys + self.values)
+
+
+def blocked_attention(queries: mx.array, blocks, n_keys: int, scale: float,
+                      causal: bool) -> mx.array:
+    """Attention over keys/values that arrive in blocks, merged by online softmax.
+
+    queries [B, Hq, L, D]; blocks yields (start, keys [B, Hkv, n, D], values)
+    covering token indices [0, n_keys); causal: the L queries are the last L
+    of the n_keys tokens and see only keys at or before themselves.
+    """
+    B, n_q_heads, L, D = queries.shape
+    out_dtype = queries.dtype
+    m = acc = total = None
+    for start, keys, values in blocks:
+        n_kv_heads = keys.shape[1]
+        groups = n_q_heads // n_kv_heads
+        q = (queries * scale).reshape(B, n_kv_heads, groups * L, D).astype(mx.float32)
+        s = q @ keys.astype(mx.float32).swapaxes(-1, -2)
+        if causal and L > 1:
+            q_pos = (n_keys - L + mx.arange(L))[None, :].astype(mx.int32)
+            q_pos = mx.broadcast_to(q_pos, (groups, L)).reshape(groups * L, 1)
+            k_pos = start + mx.arange(keys.shape[2])[None]
+            s = mx.where(k_pos <= q_pos, s, -mx.inf)
+        block_max = s.max(axis=-1, keepdims=True)
+        m_new = block_max if m is None else mx.maximum(m, block_max)
+        p = mx.exp(s - m_new)
+        pv = p @ values.astype(mx.float32)
+        if m is None:
+            acc, total = pv, p.sum(axis=-1, keepdims=True)
+        else:
+            correction = mx.exp(m - m_new)
+            acc = acc * correction + pv
+            total = total * correction + p.sum(axis=-1, keepdims=True)
+        m = m_new
+    out = acc / total
+    return out.reshape(B, n_q_heads, L, D).astype(out_dtype)
+
+
+class ExactRows:
+    """Rows kept as they are (the codec for policies without --kv-bits)."""
+
+    def encode(self, x):
+        return x
+
+    def decode(self, stored, dtype=None):
+        return stored
+
+    def concat(self, a, b):
+        return b if a is None else mx.concatenate([a, b], axis=2)
+
+    def take(self, stored, keep):
+        return stored[:, :, keep]
+
+    def take_per_head(self, stored, keep):
+        return mx.take_along_axis(stored, keep[..., None], axis=2)
+
+    def to_state(self, prefix, stored):
+        return {} if stored is None else {prefix: stored}
+
+    def from_state(self, prefix, arrays):
+        return arrays.get(prefix)
+
+    def nbytes(self, stored):
+        return 0 if stored is None else stored.nbytes
+
+
+class QuantizedRows:
+    """Rows stored quantized per token (packed, scales, biases), so a policy can
+    hold its kept tokens at `bits` (e.g. `--policy streaming --kv-bits 4`)."""
+
+    PARTS = ("packed", "scales", "biases")
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits, self.group_size = bits, group_size
+
+    def encode(self, x):
+        if x.shape[-1] % self.group_size:
+            raise UserError(f"head dim {x.shape[-1]} is not a multiple of "
+                            f"--kv-group-size {self.group_size}")
+        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
+
+    def decode(self, stored, dtype=None):
+        x = mx.dequantize(*stored, group_size=self.group_size, bits=self.bits)
+        return x if dtype is None else x.astype(dtype)
+
+    def concat(self, a, b):
+        return b if a is None else tuple(mx.concatenate([x, y], axis=2) for x, y in zip(a, b))
+
+    def take(self, stored, keep):
+        return tuple(x[:, :, keep] for x in stored)
+
+    def take_per_head(self, stored, keep):
+        return tuple(mx.take_along_axis(x, keep[..., None], axis=2) for x in stored)
+
+    def to_state(self, prefix, stored):
+        if stored is None:
+            return {}
+        return {f"{prefix}_{part}": x for part, x in zip(self.PARTS, stored)}
+
+    def from_state(self, prefix, arrays):
+        if f"{prefix}_packed" not in arrays:
+            return None
+        return tuple(arrays[f"{prefix}_{part}"] for part in self.PARTS)
+
+    def nbytes(self, stored):
+        return 0 if stored is None else sum(x.nbytes for x in stored)
+
+
+def rows_codec(bits: Optional[int], group_size: int):
+    return ExactRows() if bits is None else QuantizedRows(bits, group_size)
+
+
+def block_scores(queries: mx.array, storage: QuantizedKV, scale: float) -> mx.array:
+    """softmax(q·Kᵀ·scale) in float32 over a quantized store, one block of keys
+    dequantized at a time: [B, Hq, L, N]."""
+    B, n_q_heads, L, D = queries.shape
+    logits = []
+    for _, keys, _ in storage.blocks():
+        n_kv_heads = keys.shape[1]
+        q = (queries * scale).astype(keys.dtype).reshape(B, n_kv_heads, -1, D)
+        logits.append((q @ keys.swapaxes(-1, -2)).astype(mx.float32))
+    logits = mx.concatenate(logits, axis=-1).reshape(B, n_q_heads, L, -1)
+    return mx.softmax(logits, axis=-1, precise=True)

@@ -1,0 +1,124 @@
+"""Quantized and mixed-precision KV: round-trip error bounds, blocked attention,
+agreement with `full` where nothing (or 8-bit only) is lossy, real bytes."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_kvcache import UserError, make_cache
+from mlx_kvcache.attention import dense
+from mlx_kvcache.quantized_kv import QuantizedKV, blocked_attention
+from tests.helpers import tiny_model
+from tests.test_policies import run_logits
+
+PROMPT = [(7 * i + 3) % 256 for i in range(200)]
+# 8-bit KV on a random-weight model moves logits by ~1e-2 (measured 0.012 here);
+# a bound 4x that catches a wrong scale, a wrong group or a dropped token.
+EIGHT_BIT_LOGIT_TOL = 0.05
+
+
+def affine_step(x, group_size, bits):
+    """Largest quantization step of each group: (max - min) / (2^bits - 1)."""
+    g = x.reshape(*x.shape[:-1], -1, group_size)
+    return (g.max(-1) - g.min(-1)) / (2**bits - 1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_round_trip_error_is_within_one_step(bits, group_size):
+    mx.random.seed(bits)
+    keys = mx.random.normal((1, 2, 300, 64))
+    store = QuantizedKV(bits, group_size)
+    store.append(keys[:, :, :100], keys[:, :, :100] * 2)
+    store.append(keys[:, :, 100:], keys[:, :, 100:] * 2)
+    got_keys, got_values = store.rows(0, 300)
+    for got, want in ((got_keys, keys), (got_values, keys * 2)):
+        err = mx.abs(got - want).reshape(1, 2, 300, -1, group_size).max(-1)
+        # MLX's affine grid is not centred on the group's min and max: the
+        # error reaches nearly one step (measured up to 0.99), never more.
+        assert mx.all(err <= affine_step(want, group_size, bits) * 1.0001).item()
+
+    def packed_bytes(tokens):  # uint32 words + float32 scale and bias per group
+        return 2 * 2 * tokens * (64 * bits // 32 * 4 + 2 * (64 // group_size) * 4)
+
+    # Real bytes: the packed buffers, grown 256 tokens at a time.
+    assert packed_bytes(300) <= store.nbytes <= packed_bytes(300 + 256)
+
+
+def test_blocked_attention_equals_dense():
+    mx.random.seed(0)
+    q = mx.random.normal((1, 8, 5, 32))
+    k, v = mx.random.normal((1, 2, 300, 32)), mx.random.normal((1, 2, 300, 32))
+    blocks = [(s, k[:, :, s : s + 64], v[:, :, s : s + 64]) for s in range(0, 300, 64)]
+    assert mx.allclose(blocked_attention(q, blocks, 300, 0.2, causal=True),
+                       dense(q, k, v, scale=0.2, mask="causal"), atol=1e-5)
+    assert mx.allclose(blocked_attention(q[:, :, -1:], blocks, 300, 0.2, causal=False),
+                       dense(q[:, :, -1:], k, v, scale=0.2), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy, args", [
+    ("kivi", {"kv_bits": 4, "residual": 4096}),
+    ("mixed", {"budget": 4096, "kv_group_size": 32}),
+    ("quantized", {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 4096}),
+], ids=str)
+def test_nothing_lossy_reproduces_full_exactly(policy, args):
+    model = tiny_model("llama3")
+    expected, _ = run_logits(model, "full", PROMPT, 16)
+    got, _ = run_logits(model, policy, PROMPT, 16, **args)
+    assert mx.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("policy, args", [
+    ("quantized", {"kv_bits": 8, "kv_group_size": 32}),
+    ("kivi", {"kv_bits": 8, "residual": 32}),
+    ("streaming", {"budget": 4096, "kv_bits": 8, "kv_group_size": 32}),
+    ("refreshkv", {"budget": 4096, "full_cache_bits": 8, "kv_group_size": 32}),
+    ("refreshkv", {"budget": 4096, "full_cache_bits": 8, "kv_group_size": 32,
+                   "refresh_mode": "score", "refresh": "stride", "refresh_every": 3}),
+    ("mixed", {"budget": 48, "kv_group_size": 32, "high_bits": 8, "kv_bits": 4}),
+], ids=str)
+def test_eight_bit_stays_close_to_full(policy, args):
+    model = tiny_model("llama3")
+    expected, _ = run_logits(model, "full", PROMPT, 16)
+    got, cache = run_logits(model, policy, PROMPT, 16, **args)
+    if policy == "mixed":  # demoted tokens are 4-bit: only the prefill is 8-bit-close
+        got, expected = got[:, :-16], expected[:, :-16]
+    assert mx.abs(got - expected).max().item() < EIGHT_BIT_LOGIT_TOL
+
+
+def test_quantized_modes_hold_fewer_real_bytes():
+    model = tiny_model("llama3")
+    _, full = run_logits(model, "full", PROMPT, 60)
+    held = {"full": full[0].nbytes}
+    for label, policy, args in [
+        ("q8", "quantized", {"kv_bits": 8, "kv_group_size": 32}),
+        ("q4", "quantized", {"kv_bits": 4, "kv_group_size": 32}),
+        ("kivi2", "kivi", {"kv_bits": 2, "residual": 32}),
+        ("mixed", "mixed", {"budget": 32, "kv_group_size": 32, "kv_bits": 2}),
+        ("refresh4", "refreshkv", {"budget": 32, "full_cache_bits": 4, "kv_group_size": 32}),
+    ]:
+        _, cache = run_logits(model, policy, PROMPT, 60, **args)
+        held[label] = cache[0].nbytes
+    # 259 tokens in full's 512-row buffer of float32 vs packed words + scales.
+    assert held["q4"] < held["q8"] < held["full"] / 2
+    assert held["kivi2"] < held["full"] / 2 and held["mixed"] < held["full"] / 2
+    assert held["refresh4"] < held["full"] / 2
+
+
+@pytest.mark.parametrize("policy, args, message", [
+    ("quantized", {"kv_bits": 5}, "--kv-bits"),
+    ("quantized", {"kv_group_size": 48}, "--kv-group-size"),
+    ("kivi", {"residual": -1}, "--residual"),
+    ("mixed", {"budget": 8, "high_bits": 12}, "--high-bits"),
+    ("mixed", {"budget": 8, "kv_bits": 8}, "--kv-bits"),
+    ("refreshkv", {"full_cache_bits": 2}, "--full-cache-bits"),
+    ("streaming", {"budget": 8, "kv_bits": 7}, "--kv-bits"),
+])
+def test_unsupported_quantization_is_one_clear_error(policy, args, message):
+    with pytest.raises(UserError, match=message):
+        make_cache(tiny_model("llama3"), policy, **args)
+
+
+def test_group_size_must_divide_the_head_dim():
+    model = tiny_model("llama3")  # head dim 32
+    with pytest.raises(UserError, match="not a multiple of --kv-group-size 64"):
+        run_logits(model, "quantized", PROMPT, 1, kv_bits=4, kv_group_size=64)
