@@ -46,15 +46,18 @@ def write_result(name: str, data: dict) -> Path:
 
 
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Measured copy bandwidth: bytes read + written by a large MLX copy."""
-    x = mx.ones((megabytes * 2**20 // 4,), mx.float32)
-    mx.eval(x)
+    """Measured read bandwidth the way a decode step reads its weights: a
+    float32 matrix-vector product over a matrix far larger than the caches."""
+    columns = 4096
+    matrix = mx.ones((megabytes * 2**20 // (4 * columns), columns), mx.float32)
+    vector = mx.ones((columns,), mx.float32)
+    mx.eval(matrix, vector)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        mx.eval(x + 0)
+        mx.eval(matrix @ vector)
         times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / statistics.median(times) / 1e9
+    return matrix.nbytes / statistics.median(times) / 1e9
 
 
 # Caches compared. Ours: (policy name, args) on our port; mlx-lm's: a factory of

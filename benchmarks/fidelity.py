@@ -88,7 +88,9 @@ def main():
         result = run_task("ppl", model, tokenizer, specs, ns, log)
         if text_name == "coreutils":
             # mlx-lm's own caches on mlx-lm's model, same windows, same protocol.
-            theirs = run_task("ppl", mlx_lm_twin(model), tokenizer,
+            twin = mlx_lm_twin(model)
+            twin.source = model.source
+            theirs = run_task("ppl", twin, tokenizer,
                               [MlxLmSpec(label, factory) for label, factory in
                                MLX_LM_CACHES.items()], ns, log)
             full_ppl = result["results"][0]["ppl"]

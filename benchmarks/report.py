@@ -28,8 +28,10 @@ def load(name):
 
 
 def where(result) -> str:
-    p = result["provenance"]
     quick = " (--quick)" if result.get("quick") else ""
+    if "provenance" not in result:  # written before provenance was recorded
+        return f"_{result['device']}, MLX {result['mlx']}, this repository's CPU machine._"
+    p = result["provenance"]
     return (f"_{p['device']} on {p['machine']}, MLX {p['mlx']}, mlx-lm {p['mlx_lm']}, "
             f"commit {p['commit']}, {p['date']}{quick}._")
 
@@ -85,6 +87,22 @@ def fidelity_tables(result) -> str:
             out += [f"| {label(r)} | {r['agreement']:.2f} | {r['first_divergence']:.0f} | "
                     f"{r['rouge_l']:.2f} |" for r in task["results"]]
     return "\n".join(out)
+
+
+def streaming_table(runs) -> str:
+    first = runs[0]
+    lines = [f"SmolLM2 (trained context {first['context_length']}) fed "
+             f"{first['tokens']} tokens of the coreutils manual one at a time under "
+             f"`streaming` (budget {first['policy']['budget']}, 4 sinks): perplexity per "
+             f"block of {first['blocks'][0]['to'] - first['blocks'][0]['from']} tokens. "
+             f"{where(first)}", "",
+             "| tokens | " + " | ".join(f"positions={r['policy']['positions']}" for r in runs) + " |",
+             "|---|" + "---:|" * len(runs)]
+    for i, block in enumerate(first["blocks"]):
+        cells = [f"{r['blocks'][i]['ppl']:.2f}" if i < len(r["blocks"]) else "" for r in runs]
+        lines.append(f"| {block['from']}-{block['to']} | " + " | ".join(cells) + " |")
+    lines.append("| last 256 | " + " | ".join(f"{r['ppl_last_256']:.2f}" for r in runs) + " |")
+    return "\n".join(lines)
 
 
 def plots(speed, fidelity) -> list:
@@ -144,6 +162,10 @@ def main():
         (RESULTS / "fidelity.md").write_text(fidelity_tables(fidelity) + "\n")
         readme = replace_section(readme, "fidelity", fidelity_tables(fidelity)
                                  + "\n\n![trade-off](benchmarks/results/tradeoff.png)")
+    streaming = [r for r in (load("streaming_past_context_cache"),
+                             load("streaming_past_context_original")) if r]
+    if streaming:
+        readme = replace_section(readme, "streaming", streaming_table(streaming))
     plots(speed, fidelity)
     README.write_text(readme)
 

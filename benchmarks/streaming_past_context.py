@@ -14,13 +14,12 @@ import gzip
 import json
 import math
 import time
-from pathlib import Path
 
 import mlx.core as mx
+from common import write_result
 
 from mlx_kvcache import load, make_cache
 
-RESULTS = Path(__file__).parent / "results"
 TEXT = "/usr/share/info/coreutils.info.gz"
 
 
@@ -60,9 +59,7 @@ def main():
         "seconds": time.perf_counter() - start, "device": str(mx.default_device()),
         "mlx": mx.__version__,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"streaming_past_context_{args.positions}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(f"streaming_past_context_{args.positions}", result)
     print(json.dumps({k: result[k] for k in ("policy", "ppl_last_256", "seconds")}))
 
 

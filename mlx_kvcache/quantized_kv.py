@@ -19,7 +19,7 @@ from mlx_kvcache.errors import UserError
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-BLOCK_TOKENS = 2048
+BLOCK_TOKENS = 1024
 
 
 def check_quantization(policy: str, bits: int, group_size: int, head_dim: Optional[int] = None):
@@ -121,14 +121,49 @@ class QuantizedKV:
         return sum(a.nbytes for a in self.keys + self.values)
 
 
+QUERY_ROWS = 256  # prefill queries per pass: bounds the score tensor
+
+
+def attend_quantized(queries: mx.array, storage: "QuantizedKV", scale: float,
+                     causal: bool) -> mx.array:
+    """Attention over a quantized store. One decode query on the CPU or an Apple
+    GPU: `quantized_matmul` straight on the packed rows (measured here faster
+    than dequantizing them first). Prefill, and MLX's CUDA backend (which has
+    no quantized_matmul for this shape): dequantized blocks, online softmax."""
+    B, n_q_heads, L, D = queries.shape
+    if L > 1 or mx.cuda.is_available():
+        return blocked_attention(queries, storage.blocks, storage.length, scale, causal)
+    n_kv_heads = storage.keys[0].shape[1]
+    q = (queries * scale).reshape(B, n_kv_heads, n_q_heads // n_kv_heads, D)
+    params = {"group_size": storage.group_size, "bits": storage.bits}
+    keys = tuple(a[:, :, : storage.length] for a in storage.keys)
+    values = tuple(a[:, :, : storage.length] for a in storage.values)
+    logits = mx.quantized_matmul(q, *keys, transpose=True, **params)
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
+    out = mx.quantized_matmul(probs, *values, transpose=False, **params)
+    return out.reshape(B, n_q_heads, 1, D)
+
+
 def blocked_attention(queries: mx.array, blocks, n_keys: int, scale: float,
                       causal: bool) -> mx.array:
     """Attention over keys/values that arrive in blocks, merged by online softmax.
 
-    queries [B, Hq, L, D]; blocks yields (start, keys [B, Hkv, n, D], values)
-    covering token indices [0, n_keys); causal: the L queries are the last L
-    of the n_keys tokens and see only keys at or before themselves.
+    queries [B, Hq, L, D]; blocks() yields (start, keys [B, Hkv, n, D], values)
+    covering token indices [0, n_keys) afresh on each call; causal: the L
+    queries are the last L of the n_keys tokens and see only keys at or before
+    themselves. Long prefill chunks go QUERY_ROWS queries at a time, so the
+    peak is one block of dequantized rows and one small score tile.
     """
+    L = queries.shape[2]
+    if L > QUERY_ROWS:
+        parts = [_blocked_pass(queries[:, :, i : i + QUERY_ROWS], blocks(),
+                               n_keys - L + i, scale, causal)
+                 for i in range(0, L, QUERY_ROWS)]
+        return mx.concatenate(parts, axis=2)
+    return _blocked_pass(queries, blocks(), n_keys - L, scale, causal)
+
+
+def _blocked_pass(queries, blocks, first_position: int, scale: float, causal: bool):
     B, n_q_heads, L, D = queries.shape
     out_dtype = queries.dtype
     m = acc = total = None
@@ -138,10 +173,9 @@ def blocked_attention(queries: mx.array, blocks, n_keys: int, scale: float,
         q = (queries * scale).reshape(B, n_kv_heads, groups * L, D).astype(mx.float32)
         s = q @ keys.astype(mx.float32).swapaxes(-1, -2)
         if causal and L > 1:
-            q_pos = (n_keys - L + mx.arange(L))[None, :].astype(mx.int32)
-            q_pos = mx.broadcast_to(q_pos, (groups, L)).reshape(groups * L, 1)
+            q_pos = mx.broadcast_to(first_position + mx.arange(L)[None], (groups, L))
             k_pos = start + mx.arange(keys.shape[2])[None]
-            s = mx.where(k_pos <= q_pos, s, -mx.inf)
+            s = mx.where(k_pos <= q_pos.reshape(groups * L, 1), s, -mx.inf)
         block_max = s.max(axis=-1, keepdims=True)
         m_new = block_max if m is None else mx.maximum(m, block_max)
         p = mx.exp(s - m_new)

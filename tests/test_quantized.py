@@ -6,7 +6,7 @@ import pytest
 
 from mlx_kvcache import UserError, make_cache
 from mlx_kvcache.attention import dense
-from mlx_kvcache.quantized_kv import QuantizedKV, blocked_attention
+from mlx_kvcache.quantized_kv import QuantizedKV, attend_quantized, blocked_attention
 from tests.helpers import tiny_model
 from tests.test_policies import run_logits
 
@@ -46,13 +46,24 @@ def test_round_trip_error_is_within_one_step(bits, group_size):
 
 def test_blocked_attention_equals_dense():
     mx.random.seed(0)
-    q = mx.random.normal((1, 8, 5, 32))
+    q = mx.random.normal((1, 8, 300, 32))  # more than QUERY_ROWS: split in passes
     k, v = mx.random.normal((1, 2, 300, 32)), mx.random.normal((1, 2, 300, 32))
     blocks = [(s, k[:, :, s : s + 64], v[:, :, s : s + 64]) for s in range(0, 300, 64)]
-    assert mx.allclose(blocked_attention(q, blocks, 300, 0.2, causal=True),
+    assert mx.allclose(blocked_attention(q, lambda: blocks, 300, 0.2, causal=True),
                        dense(q, k, v, scale=0.2, mask="causal"), atol=1e-5)
-    assert mx.allclose(blocked_attention(q[:, :, -1:], blocks, 300, 0.2, causal=False),
+    assert mx.allclose(blocked_attention(q[:, :, -1:], lambda: blocks, 300, 0.2, causal=False),
                        dense(q[:, :, -1:], k, v, scale=0.2), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_decode_paths_agree(bits):
+    mx.random.seed(1)
+    store = QuantizedKV(bits, 32)
+    k, v = mx.random.normal((1, 2, 700, 32)), mx.random.normal((1, 2, 700, 32))
+    store.append(k, v)
+    q = mx.random.normal((1, 8, 1, 32))
+    blocked = blocked_attention(q, store.blocks, 700, 0.2, causal=False)
+    assert mx.allclose(attend_quantized(q, store, 0.2, causal=False), blocked, atol=1e-4)
 
 
 @pytest.mark.parametrize("policy, args", [

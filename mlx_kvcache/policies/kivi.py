@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import ClassVar
 
 import mlx.core as mx
@@ -54,9 +55,9 @@ class KIVICache:
         if self.quantized_tokens == 0:
             out = dense(queries, recent_keys, recent_values, scale=scale, mask=mask)
         else:
-            blocks = list(self._quantized_blocks()) + [
-                (self.quantized_tokens, recent_keys, recent_values)]
-            out = blocked_attention(queries, blocks, self.offset, scale, causal=mask is not None)
+            recent = [(self.quantized_tokens, recent_keys, recent_values)]
+            out = blocked_attention(queries, lambda: chain(self._quantized_blocks(), recent),
+                                    self.offset, scale, causal=mask is not None)
         self._age(recent_keys, recent_values)
         return out
 

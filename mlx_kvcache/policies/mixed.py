@@ -1,7 +1,6 @@
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import ClassVar, Optional
-
-import mlx.core as mx
 
 from mlx_kvcache.attention import dense
 from mlx_kvcache.errors import UserError
@@ -52,8 +51,9 @@ class MixedCache:
         else:
             # Demoted tokens are all older than the important ones' newest, so
             # with the important block last a causal mask stays bottom-right.
-            blocks = list(self.demoted.blocks()) + [(self.demoted.length, keys, values)]
-            out = blocked_attention(queries, blocks, self.demoted.length + keys.shape[2], scale,
+            important = [(self.demoted.length, keys, values)]
+            out = blocked_attention(queries, lambda: chain(self.demoted.blocks(), important),
+                                    self.demoted.length + keys.shape[2], scale,
                                     causal=mask is not None)
         self.important.accumulate(queries, keys, scale)
         if queries.shape[2] == 1:

@@ -3,7 +3,7 @@ from typing import ClassVar
 
 from mlx_kvcache.attention import dense
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.quantized_kv import QuantizedKV, blocked_attention, check_quantization
+from mlx_kvcache.quantized_kv import QuantizedKV, attend_quantized, check_quantization
 
 from .full import FullCache
 from .protocol import rotate
@@ -50,8 +50,7 @@ class QuantizedCache:
             self.packed.append(held["keys"], held["values"])
             self.exact = FullCache()
         self.packed.append(keys, values)
-        return blocked_attention(queries, self.packed.blocks(), self.packed.length, scale,
-                                 causal=mask is not None)
+        return attend_quantized(queries, self.packed, scale, causal=mask is not None)
 
     def stats(self) -> dict:
         return {"kept_tokens": self.offset, "quantized_tokens": self.packed.length}

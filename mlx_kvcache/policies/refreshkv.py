@@ -5,7 +5,7 @@ import mlx.core as mx
 
 from mlx_kvcache.attention import dense, scores, sparse
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.quantized_kv import (QuantizedKV, block_scores, blocked_attention,
+from mlx_kvcache.quantized_kv import (QuantizedKV, attend_quantized, block_scores,
                                       check_quantization)
 
 from .budget import check_budget, resolve_budget
@@ -120,8 +120,7 @@ class RefreshKVCache:
 
     def _attend_all(self, queries, keys, values, scale, mask):
         if self.quantized:
-            return blocked_attention(queries, self.full_cache.blocks(), self.offset, scale,
-                                     causal=mask is not None)
+            return attend_quantized(queries, self.full_cache, scale, causal=mask is not None)
         return dense(queries, keys, values, scale=scale, mask=mask)
 
     def _attend_retained(self, queries, scale):
