@@ -66,7 +66,8 @@ def fidelity_tables(result) -> str:
     for task in result["tasks"]:
         if task["task"] == "ppl":
             windows = task["windows"]
-            out += ["", f"**Perplexity**, last 256 of {task['context']}-token windows of the "
+            out += ["", f"**Perplexity**, last {task.get('score_last', 256)} of "
+                    f"{task['context']}-token windows of the "
                     f"{task['text']} manual, scored one token at a time; {windows} window(s). "
                     "Ratio to full: lower is better; 1.00 is lossless.", "",
                     "| policy | ppl | ratio to full | decode ms/token |", "|---|---:|---:|---:|"]

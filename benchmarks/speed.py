@@ -58,7 +58,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    contexts = [2048] if args.quick else [1024, 2048, 4096, 8000]
+    contexts = [1024] if args.quick else [1024, 2048, 4096, 8000]
     repeats, steps = (3, 8) if args.quick else (5, 16)
 
     model, tokenizer = load("smollm2")
