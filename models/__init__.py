@@ -1,5 +1,7 @@
 """Model ports: each layer's attention calls its cache policy's `attend`."""
 
+from mlx_kvcache.errors import UserError
+
 from . import llama, qwen2, qwen3
 
 # config.json's model_type -> port. Mistral's dense models are Llama's graph.
@@ -13,8 +15,6 @@ ARCHITECTURES = {
 
 def build_model(config: dict):
     """An uninitialised model for a Hugging Face style config dict."""
-    from mlx_kvcache.errors import UserError
-
     model_type = config.get("model_type")
     port = ARCHITECTURES.get(model_type)
     if port is None:
