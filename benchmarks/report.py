@@ -100,9 +100,15 @@ def streaming_table(runs) -> str:
              "| tokens | " + " | ".join(f"positions={r['policy']['positions']}" for r in runs) + " |",
              "|---|" + "---:|" * len(runs)]
     for i, block in enumerate(first["blocks"]):
-        cells = [f"{r['blocks'][i]['ppl']:.2f}" if i < len(r["blocks"]) else "" for r in runs]
+        cells = []
+        for r in runs:
+            own = r["blocks"][i] if i < len(r["blocks"]) else None
+            partial = own and own["to"] != block["to"]
+            cells.append("" if own is None else f"{own['ppl']:.2f}"
+                         + (f" ({own['from']}-{own['to']})" if partial else ""))
         lines.append(f"| {block['from']}-{block['to']} | " + " | ".join(cells) + " |")
-    lines.append("| last 256 | " + " | ".join(f"{r['ppl_last_256']:.2f}" for r in runs) + " |")
+    lines.append("| last 256 of the run | " + " | ".join(
+        f"{r['ppl_last_256']:.2f} (to token {r['tokens']})" for r in runs) + " |")
     return "\n".join(lines)
 
 
