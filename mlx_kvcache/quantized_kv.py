@@ -22,14 +22,11 @@ GROUP_SIZES = (32, 64, 128)
 BLOCK_TOKENS = 1024
 
 
-def check_quantization(policy: str, bits: int, group_size: int, head_dim: Optional[int] = None):
+def check_quantization(policy: str, bits: int, group_size: int):
     if bits not in BITS:
         raise UserError(f"{policy}: --kv-bits must be one of {BITS}, got {bits}")
     if group_size not in GROUP_SIZES:
         raise UserError(f"{policy}: --kv-group-size must be one of {GROUP_SIZES}, got {group_size}")
-    if head_dim is not None and head_dim % group_size:
-        raise UserError(f"{policy}: head dim {head_dim} is not a multiple of "
-                        f"--kv-group-size {group_size}")
 
 
 class QuantizedKV:
@@ -39,19 +36,14 @@ class QuantizedKV:
 
     def __init__(self, bits: int, group_size: int):
         self.bits, self.group_size = bits, group_size
+        self.codec = QuantizedRows(bits, group_size)
         self.keys = self.values = None  # (packed, scales, biases), capacity rows
         self.length = 0
         self.dtype = None
 
-    def _quantize(self, x):
-        if x.shape[-1] % self.group_size:
-            raise UserError(f"head dim {x.shape[-1]} is not a multiple of "
-                            f"--kv-group-size {self.group_size}")
-        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
-
     def append(self, keys: mx.array, values: mx.array) -> None:
         self.dtype = keys.dtype
-        self._write(self._quantize(keys), self._quantize(values))
+        self._write(self.codec.encode(keys), self.codec.encode(values))
 
     def _write(self, qk, qv) -> None:
         n = qk[0].shape[2]
@@ -73,12 +65,8 @@ class QuantizedKV:
 
     def rows(self, start: int, stop: int) -> Tuple[mx.array, mx.array]:
         """Dequantized keys and values of tokens [start, stop)."""
-        def dequantize(stored):
-            w, s, b = (a[:, :, start:stop] for a in stored)
-            return mx.dequantize(w, s, b, group_size=self.group_size, bits=self.bits).astype(
-                self.dtype)
-
-        return dequantize(self.keys), dequantize(self.values)
+        return tuple(self.codec.decode(tuple(a[:, :, start:stop] for a in stored), self.dtype)
+                     for stored in (self.keys, self.values))
 
     def blocks(self, block: int = BLOCK_TOKENS) -> Iterator[Tuple[int, mx.array, mx.array]]:
         for start in range(0, self.length, block):
@@ -87,31 +75,23 @@ class QuantizedKV:
 
     def gather(self, indices: mx.array) -> Tuple[mx.array, mx.array]:
         """Dequantized rows at `indices` [B, H, K] -> [B, H, K, D] each."""
-        def take(stored):
-            parts = [mx.take_along_axis(a, indices[..., None].astype(mx.int32), axis=2)
-                     for a in stored]
-            return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits).astype(
-                self.dtype)
-
-        return take(self.keys), take(self.values)
+        keep = indices.astype(mx.int32)
+        return tuple(self.codec.decode(self.codec.take_per_head(stored, keep), self.dtype)
+                     for stored in (self.keys, self.values))
 
     @property
     def state(self):
         if self.keys is None:
             return {}
-        names = ("packed", "scales", "biases")
-        arrays = {f"keys_{n}": a[:, :, : self.length] for n, a in zip(names, self.keys)}
-        arrays.update({f"values_{n}": a[:, :, : self.length] for n, a in zip(names, self.values)})
-        return arrays
+        held = [tuple(a[:, :, : self.length] for a in stored) for stored in (self.keys, self.values)]
+        return {**self.codec.to_state("keys", held[0]), **self.codec.to_state("values", held[1])}
 
     @state.setter
     def state(self, arrays):
-        names = ("packed", "scales", "biases")
         self.keys = self.values = None
         self.length = 0
         # Through _write, so the buffers regain the capacity they grow by.
-        self._write(tuple(arrays[f"keys_{n}"] for n in names),
-                    tuple(arrays[f"values_{n}"] for n in names))
+        self._write(self.codec.from_state("keys", arrays), self.codec.from_state("values", arrays))
         self.dtype = self.keys[1].dtype
 
     @property
