@@ -35,7 +35,8 @@ def provenance() -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "commit": commit,
             "openblas_preload": "openblas" in os.environ.get("LD_PRELOAD", ""),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
 
 
 def write_result(name: str, data: dict) -> Path:

@@ -29,6 +29,8 @@ def load(name):
 
 def where(result) -> str:
     quick = " (--quick)" if result.get("quick") else ""
+    if "command" in result.get("provenance", {}):
+        quick = f" (`{result['provenance']['command']}`)"
     if "provenance" not in result:  # written before provenance was recorded
         return f"_{result['device']}, MLX {result['mlx']}, this repository's CPU machine._"
     p = result["provenance"]

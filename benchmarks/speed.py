@@ -2,7 +2,7 @@
 context length, for every policy and mlx-lm's own caches, in one process,
 interleaved and repeated so noise shows. SmolLM2 on real text (coreutils manual).
 
-    python benchmarks/speed.py [--quick]
+    python benchmarks/speed.py [--quick] [--contexts 1024 4096]
 
 Writes benchmarks/results/speed_<backend>.json. Each row also carries the
 roofline: bytes a decode step must move (weights + attended KV) over the
@@ -57,8 +57,9 @@ def attended_bytes(label, cache, context, budget, row_bytes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--contexts", type=int, nargs="+", help="context lengths to measure")
     args = parser.parse_args()
-    contexts = [1024] if args.quick else [1024, 2048, 4096, 8000]
+    contexts = args.contexts or ([1024] if args.quick else [1024, 2048, 4096, 8000])
     repeats, steps = (3, 8) if args.quick else (5, 16)
 
     model, tokenizer = load("smollm2")

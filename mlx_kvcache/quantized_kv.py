@@ -1,16 +1,10 @@
-"""Quantized KV storage, and attention over it one block at a time.
+"""Quantized KV storage: rows quantized per token, and the row codecs.
 
 Keys and values are quantized per token along head_dim with `mx.quantize`
 (affine, `bits` 2/3/4/6/8, groups of `group_size` channels): packed uint32
 words plus a scale and bias per group, so `nbytes` is what is really held.
-
-Attention dequantizes one block of tokens at a time and merges the blocks with
-an online softmax, so no full-precision copy of the cache and no full score
-matrix is ever built: peak memory stays below the full cache's, and it needs
-no `quantized_matmul` (slow on the CPU for this shape, and missing for it on
-MLX's CUDA backend).
+Attention over them lives in `quantized_attention`.
 """
-
 from typing import Iterator, Optional, Tuple
 
 import mlx.core as mx
@@ -19,7 +13,7 @@ from mlx_kvcache.errors import UserError
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-BLOCK_TOKENS = 1024
+BLOCK_TOKENS = 1024  # rows dequantized at once by blocks()
 
 
 def check_quantization(policy: str, bits: int, group_size: int):
@@ -63,6 +57,11 @@ class QuantizedKV:
                 s[:, :, self.length : self.length + n] = a
         self.length += n
 
+    def held(self) -> Tuple[tuple, tuple]:
+        """The packed (words, scales, biases) of keys and of values, valid rows only."""
+        return tuple(tuple(a[:, :, : self.length] for a in stored)
+                     for stored in (self.keys, self.values))
+
     def rows(self, start: int, stop: int) -> Tuple[mx.array, mx.array]:
         """Dequantized keys and values of tokens [start, stop)."""
         return tuple(self.codec.decode(tuple(a[:, :, start:stop] for a in stored), self.dtype)
@@ -83,7 +82,7 @@ class QuantizedKV:
     def state(self):
         if self.keys is None:
             return {}
-        held = [tuple(a[:, :, : self.length] for a in stored) for stored in (self.keys, self.values)]
+        held = self.held()
         return {**self.codec.to_state("keys", held[0]), **self.codec.to_state("values", held[1])}
 
     @state.setter
@@ -99,76 +98,6 @@ class QuantizedKV:
         if self.keys is None:
             return 0
         return sum(a.nbytes for a in self.keys + self.values)
-
-
-QUERY_ROWS = 256  # prefill queries per pass: bounds the score tensor
-
-
-def attend_quantized(queries: mx.array, storage: "QuantizedKV", scale: float,
-                     causal: bool) -> mx.array:
-    """Attention over a quantized store. One decode query on the CPU or an Apple
-    GPU: `quantized_matmul` straight on the packed rows (measured here faster
-    than dequantizing them first). Prefill, and MLX's CUDA backend (which has
-    no quantized_matmul for this shape): dequantized blocks, online softmax."""
-    B, n_q_heads, L, D = queries.shape
-    if L > 1 or mx.cuda.is_available():
-        return blocked_attention(queries, storage.blocks, storage.length, scale, causal)
-    n_kv_heads = storage.keys[0].shape[1]
-    q = (queries * scale).reshape(B, n_kv_heads, n_q_heads // n_kv_heads, D)
-    params = {"group_size": storage.group_size, "bits": storage.bits}
-    keys = tuple(a[:, :, : storage.length] for a in storage.keys)
-    values = tuple(a[:, :, : storage.length] for a in storage.values)
-    logits = mx.quantized_matmul(q, *keys, transpose=True, **params)
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
-    out = mx.quantized_matmul(probs, *values, transpose=False, **params)
-    return out.reshape(B, n_q_heads, 1, D)
-
-
-def blocked_attention(queries: mx.array, blocks, n_keys: int, scale: float,
-                      causal: bool) -> mx.array:
-    """Attention over keys/values that arrive in blocks, merged by online softmax.
-
-    queries [B, Hq, L, D]; blocks() yields (start, keys [B, Hkv, n, D], values)
-    covering token indices [0, n_keys) afresh on each call; causal: the L
-    queries are the last L of the n_keys tokens and see only keys at or before
-    themselves. Long prefill chunks go QUERY_ROWS queries at a time, so the
-    peak is one block of dequantized rows and one small score tile.
-    """
-    L = queries.shape[2]
-    if L > QUERY_ROWS:
-        parts = [_blocked_pass(queries[:, :, i : i + QUERY_ROWS], blocks(),
-                               n_keys - L + i, scale, causal)
-                 for i in range(0, L, QUERY_ROWS)]
-        return mx.concatenate(parts, axis=2)
-    return _blocked_pass(queries, blocks(), n_keys - L, scale, causal)
-
-
-def _blocked_pass(queries, blocks, first_position: int, scale: float, causal: bool):
-    B, n_q_heads, L, D = queries.shape
-    out_dtype = queries.dtype
-    m = acc = total = None
-    for start, keys, values in blocks:
-        n_kv_heads = keys.shape[1]
-        groups = n_q_heads // n_kv_heads
-        q = (queries * scale).reshape(B, n_kv_heads, groups * L, D).astype(mx.float32)
-        s = q @ keys.astype(mx.float32).swapaxes(-1, -2)
-        if causal and L > 1:
-            q_pos = mx.broadcast_to(first_position + mx.arange(L)[None], (groups, L))
-            k_pos = start + mx.arange(keys.shape[2])[None]
-            s = mx.where(k_pos <= q_pos.reshape(groups * L, 1), s, -mx.inf)
-        block_max = s.max(axis=-1, keepdims=True)
-        m_new = block_max if m is None else mx.maximum(m, block_max)
-        p = mx.exp(s - m_new)
-        pv = p @ values.astype(mx.float32)
-        if m is None:
-            acc, total = pv, p.sum(axis=-1, keepdims=True)
-        else:
-            correction = mx.exp(m - m_new)
-            acc = acc * correction + pv
-            total = total * correction + p.sum(axis=-1, keepdims=True)
-        m = m_new
-    out = acc / total
-    return out.reshape(B, n_q_heads, L, D).astype(out_dtype)
 
 
 class ExactRows:
@@ -243,16 +172,3 @@ class QuantizedRows:
 
 def rows_codec(bits: Optional[int], group_size: int):
     return ExactRows() if bits is None else QuantizedRows(bits, group_size)
-
-
-def block_scores(queries: mx.array, storage: QuantizedKV, scale: float) -> mx.array:
-    """softmax(q·Kᵀ·scale) in float32 over a quantized store, one block of keys
-    dequantized at a time: [B, Hq, L, N]."""
-    B, n_q_heads, L, D = queries.shape
-    logits = []
-    for _, keys, _ in storage.blocks():
-        n_kv_heads = keys.shape[1]
-        q = (queries * scale).astype(keys.dtype).reshape(B, n_kv_heads, -1, D)
-        logits.append((q @ keys.swapaxes(-1, -2)).astype(mx.float32))
-    logits = mx.concatenate(logits, axis=-1).reshape(B, n_q_heads, L, -1)
-    return mx.softmax(logits, axis=-1, precise=True)

@@ -10,6 +10,8 @@ from .budget import check_budget, resolve_budget
 from .protocol import rotate
 from .registry import register
 
+SCORE_ROWS = 256
+
 
 @register
 @dataclass(eq=False)
@@ -72,12 +74,22 @@ class H2OCache:
     def accumulate(self, queries, keys, scale):
         B, n_kv_heads, n, _ = keys.shape
         L = queries.shape[2]
-        causal = None
-        if L > 1:
-            causal = mx.arange(n)[None] <= mx.arange(n - L, n)[:, None]
-        probs = scores(queries, keys, scale, mask=causal).sum(axis=2)
-        group = probs.shape[1] // n_kv_heads
-        self.accumulated += probs.reshape(B, n_kv_heads, group, -1).sum(axis=2)
+        # A prompt chunk's score rows go SCORE_ROWS queries at a time: all of
+        # them at once ([Hq, L, n] float32) would double the prefill's peak
+        # (measured 262 MiB vs full's 125 on SmolLM2 at 1K).
+        for first in range(0, L, SCORE_ROWS):
+            rows = queries[:, :, first : first + SCORE_ROWS]
+            causal = None
+            if L > 1:
+                positions = mx.arange(n - L + first, n - L + first + rows.shape[2])
+                causal = mx.arange(n)[None] <= positions[:, None]
+            probs = scores(rows, keys, scale, mask=causal).sum(axis=2)
+            group = probs.shape[1] // n_kv_heads
+            self.accumulated += probs.reshape(B, n_kv_heads, group, -1).sum(axis=2)
+            if L > SCORE_ROWS:
+                # Else the lazy graph computes every chunk's rows before
+                # summing any (measured: peak 198 MiB vs full's 125 at 1K).
+                mx.eval(self.accumulated)
 
     def cut(self):
         """Evict down to the budget; return the evicted (keys, values) as

@@ -6,7 +6,9 @@ import mlx.core as mx
 
 from mlx_kvcache.attention import dense
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.quantized_kv import QuantizedRows, blocked_attention, check_quantization
+from mlx_kvcache.quantized_attention import (blocked_attention, decode_attention, exact_segment,
+                                             packed_channel_scores, packed_weighted_sum)
+from mlx_kvcache.quantized_kv import QuantizedRows, check_quantization
 
 from .protocol import rotate
 from .registry import register
@@ -54,11 +56,19 @@ class KIVICache:
         self.recent_keys, self.recent_values = recent_keys, recent_values
         if self.quantized_tokens == 0:
             out = dense(queries, recent_keys, recent_values, scale=scale, mask=mask)
+        elif queries.shape[2] == 1:
+            out = decode_attention(queries, scale, keys.shape[1], [
+                self._quantized_segment, exact_segment(recent_keys, recent_values)])
         else:
             recent = [(self.quantized_tokens, recent_keys, recent_values)]
             out = blocked_attention(queries, lambda: chain(self._quantized_blocks(), recent),
                                     self.offset, scale, causal=mask is not None)
         self._age(recent_keys, recent_values)
+        if queries.shape[2] > 1:
+            # Quantize this layer's prompt now: left to the end of the lazy
+            # forward pass, every layer's exact rows would be alive at once and
+            # the prefill would peak as high as the full cache's.
+            mx.eval(self.state)
         return out
 
     def _age(self, keys, values):
@@ -79,7 +89,16 @@ class KIVICache:
         self.quantized_values = self.value_codec.concat(
             self.quantized_values, self.value_codec.encode(values[:, :, :old]))
         self.quantized_tokens += old
-        self.recent_keys, self.recent_values = keys[:, :, old:], values[:, :, old:]
+        # Copies, not slices: a slice would keep the whole chunk's exact rows
+        # alive (measured: 52 MiB held after a 1K prompt for 13 MiB of cache).
+        newest = mx.arange(old, n)
+        self.recent_keys = mx.take(keys, newest, axis=2)
+        self.recent_values = mx.take(values, newest, axis=2)
+
+    def _quantized_segment(self, q):
+        G, bits = self.kv_group_size, self.kv_bits
+        logits = packed_channel_scores(q, self.key_blocks, self.quantized_tokens // G, bits, G)
+        return logits, lambda p: packed_weighted_sum(p, self.quantized_values, bits, G)
 
     def _quantized_blocks(self):
         G = self.kv_group_size

@@ -2,9 +2,13 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import ClassVar, Optional
 
+import mlx.core as mx
+
 from mlx_kvcache.attention import dense
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.quantized_kv import QuantizedKV, QuantizedRows, blocked_attention, check_quantization
+from mlx_kvcache.quantized_attention import (blocked_attention, decode_attention, exact_segment,
+                                             packed_segment)
+from mlx_kvcache.quantized_kv import QuantizedKV, QuantizedRows, check_quantization
 
 from .h2o import H2OCache
 from .registry import register
@@ -48,6 +52,10 @@ class MixedCache:
         queries, keys, values = self.important.store(queries, keys, values, rope)
         if self.demoted.length == 0:
             out = dense(queries, keys, values, scale=scale, mask=mask)
+        elif queries.shape[2] == 1:
+            demoted = packed_segment(*self.demoted.held(), self.kv_bits, self.kv_group_size)
+            out = decode_attention(queries, scale, keys.shape[1],
+                                   [demoted, exact_segment(keys, values)])
         else:
             # Demoted tokens are all older than the important ones' newest, so
             # with the important block last a causal mask stays bottom-right.
@@ -56,11 +64,18 @@ class MixedCache:
                                     self.demoted.length + keys.shape[2], scale,
                                     causal=mask is not None)
         self.important.accumulate(queries, keys, scale)
-        if queries.shape[2] == 1:
-            dropped = self.important.cut()
-            if dropped is not None:
-                codec = self.important.codec
-                self.demoted.append(*(codec.decode(rows, values.dtype) for rows in dropped))
+        if queries.shape[2] > 1:
+            # Demote right after each prompt chunk, not at the first decode step
+            # as H2O cuts: else every layer holds its whole prompt exact until
+            # then and the prefill peaks above the full cache's. The budget
+            # follows the prompt until decoding starts.
+            self.important.capacity = None
+        dropped = self.important.cut()
+        if dropped is not None:
+            codec = self.important.codec
+            self.demoted.append(*(codec.decode(rows, values.dtype) for rows in dropped))
+        if queries.shape[2] > 1:
+            mx.eval(self.state)  # this layer's demotion now, not at the end of the forward pass
         return out
 
     def stats(self) -> dict:

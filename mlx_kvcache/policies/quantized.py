@@ -3,7 +3,8 @@ from typing import ClassVar
 
 from mlx_kvcache.attention import dense
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.quantized_kv import QuantizedKV, attend_quantized, check_quantization
+from mlx_kvcache.quantized_attention import attend_quantized
+from mlx_kvcache.quantized_kv import QuantizedKV, check_quantization
 
 from .full import FullCache
 from .protocol import rotate

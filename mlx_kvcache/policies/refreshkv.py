@@ -5,8 +5,8 @@ import mlx.core as mx
 
 from mlx_kvcache.attention import dense, scores, sparse
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.quantized_kv import (QuantizedKV, attend_quantized, block_scores,
-                                      check_quantization)
+from mlx_kvcache.quantized_attention import attend_quantized, block_scores
+from mlx_kvcache.quantized_kv import QuantizedKV, check_quantization
 
 from .budget import check_budget, resolve_budget
 from .full import FullCache
