@@ -58,6 +58,24 @@ def speed_table(result) -> str:
     return "\n".join(lines)
 
 
+def sparse_attention_table(result) -> str:
+    ms = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+    kernel = ("fused = the CUDA/Metal kernel" if result["fused_kernel"]
+              else "no fused kernel on this device")
+    lines = [f"One decode step of one layer, Llama-3.1-8B attention shape, {result['dtype']}; "
+             f"median of {result['repeats']}; {kernel}. {where(result)}", "",
+             "| context N | retained K | full ms | gather ms | fused ms | mlx-lm Rotating(K) ms "
+             "| gather / full | fused / gather |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        fused = r.get("fused_ms")
+        fused_ratio = "—" if fused is None else f"{fused / r['gather_ms']:.2f}"
+        lines.append(
+            f"| {r['context']} | {r['retained']} | {ms(r['full_ms'])} | {ms(r['gather_ms'])} | "
+            f"{ms(fused)} | {ms(r['rotating_ms'])} | {r['gather_ms'] / r['full_ms']:.2f} | "
+            f"{fused_ratio} |")
+    return "\n".join(lines)
+
+
 def label(result) -> str:
     return result["label"].replace("budget_ratio=0.0625", "L/16").replace(
         "budget_ratio=0.125", "L/8").replace("budget_ratio=0.25", "L/4")
@@ -159,10 +177,15 @@ def main():
     speed = load("speed_cpu")
     fidelity = load("fidelity")
     readme = README.read_text()
-    for name in ("cpu_setup", "sparse_attention_cpu"):
-        table = RESULTS / f"{name}.md"
-        if table.exists():
-            readme = replace_section(readme, name, table.read_text().strip())
+    table = RESULTS / "cpu_setup.md"
+    if table.exists():
+        readme = replace_section(readme, "cpu_setup", table.read_text().strip())
+    for backend in ("cpu", "cuda", "metal"):
+        result = load(f"sparse_attention_{backend}")
+        if result and "provenance" in result:
+            table = sparse_attention_table(result)
+            (RESULTS / f"sparse_attention_{backend}.md").write_text(table + "\n")
+            readme = replace_section(readme, f"sparse_attention_{backend}", table)
     if speed:
         (RESULTS / "speed_cpu.md").write_text(speed_table(speed) + "\n")
         readme = replace_section(readme, "speed", speed_table(speed)

@@ -1,27 +1,29 @@
-"""Attention over retained indices vs full attention, one decode step, on the
-current MLX device: the pure-MLX reference path (`attention.sparse`: one gather
-of K rows from keys and one from values, then attention) against
-`attention.dense` over all N rows. Llama-3.1-8B's attention shape (32 query
-heads, 8 KV heads, head dim 128), one layer.
+"""Attention over retained indices, one decode step of one layer (Llama-3.1-8B's
+attention shape: 32 query heads, 8 KV heads, head dim 128) on the current MLX
+device, side by side in one run:
 
-    python benchmarks/sparse_attention.py [--quick]
+- full: `attention.dense` over all N rows (the full cache's step);
+- gather: the pure-MLX reference of `attention.sparse` (gather K rows, attend);
+- fused: `attention.sparse` through the fused kernel (GPUs only);
+- mlx-lm RotatingKVCache(K): its update_and_fetch of the new token, then
+  attention over its K-row window (what a ring buffer costs for the same K).
 
-Writes benchmarks/results/sparse_attention_<device>.{json,md}.
+    python benchmarks/sparse_attention.py [--quick] [--dtype float16]
+
+Writes benchmarks/results/sparse_attention_<backend>.{json,md}.
 """
 
 import argparse
-import json
-import platform
+import os
 import statistics
 import time
-from pathlib import Path
 
 import mlx.core as mx
-from common import device_label
+from common import device_label, write_result
+from mlx_lm.models.cache import RotatingKVCache
 
-from mlx_kvcache import attention
+from mlx_kvcache import attention, kernels
 
-RESULTS = Path(__file__).parent / "results"
 N_Q_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
@@ -33,7 +35,28 @@ def timed(fn, repeats):
         start = time.perf_counter()
         mx.eval(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, min(times) * 1e3, max(times) * 1e3
+    return statistics.median(times) * 1e3
+
+
+def gather_reference(q, k, v, indices, scale):
+    os.environ[kernels.FORCE_REFERENCE] = "1"
+    try:
+        return attention.sparse(q, k, v, indices, scale)
+    finally:
+        del os.environ[kernels.FORCE_REFERENCE]
+
+
+def rotating_step(q, k, v, kept, scale):
+    """A RotatingKVCache holding `kept` rows; each call appends one token and
+    attends over the window, as mlx-lm's decode step does."""
+    cache = RotatingKVCache(max_size=kept, keep=4)
+    cache.update_and_fetch(k[:, :, :kept], v[:, :, :kept])
+    one_k, one_v = k[:, :, -1:], v[:, :, -1:]
+
+    def step():
+        keys, values = cache.update_and_fetch(one_k, one_v)
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
+    return step
 
 
 def main():
@@ -45,6 +68,7 @@ def main():
     lengths = [8192, 32768] if args.quick else [8192, 16384, 32768, 65536]
     repeats = 5 if args.quick else 15
     scale = HEAD_DIM ** -0.5
+    fused_available = kernels.use_kernels()
     rows = []
     for n in lengths:
         mx.random.seed(0)
@@ -52,34 +76,25 @@ def main():
         k = mx.random.normal((1, N_KV_HEADS, n, HEAD_DIM)).astype(dtype)
         v = mx.random.normal((1, N_KV_HEADS, n, HEAD_DIM)).astype(dtype)
         mx.eval(q, k, v)
-        dense_ms = timed(lambda: attention.dense(q, k, v, scale=scale), repeats)
+        full_ms = timed(lambda: attention.dense(q, k, v, scale=scale), repeats)
         for ratio in (16, 8, 4):
             kept = n // ratio
             indices = mx.sort(mx.random.permutation(n)[:kept]).astype(mx.uint32)
             indices = mx.broadcast_to(indices, (1, N_KV_HEADS, kept))
             mx.eval(indices)
-            sparse_ms = timed(lambda: attention.sparse(q, k, v, indices, scale), repeats)
-            rows.append({"context": n, "retained": kept, "dense_ms": dense_ms[0],
-                         "sparse_ms": sparse_ms[0], "dense_range_ms": dense_ms[1:],
-                         "sparse_range_ms": sparse_ms[1:],
-                         "sparse_over_dense": sparse_ms[0] / dense_ms[0]})
-            print(rows[-1])
-    device = device_label()
-    result = {"benchmark": "sparse_attention", "device": str(mx.default_device()),
-              "machine": f"{platform.machine()} {platform.system()}", "mlx": mx.__version__,
-              "dtype": args.dtype, "shape": {"q_heads": N_Q_HEADS, "kv_heads": N_KV_HEADS,
-                                             "head_dim": HEAD_DIM}, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"sparse_attention_{device}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"One decode step of one layer, Llama-3.1-8B attention shape, {args.dtype}, "
-             f"{result['device']}, MLX {mx.__version__}; median of {repeats}.", "",
-             "| context N | retained K | full attention ms | gather + attend ms | ratio |",
-             "|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['context']} | {r['retained']} | {r['dense_ms']:.2f} | "
-                     f"{r['sparse_ms']:.2f} | {r['sparse_over_dense']:.2f} |")
-    (RESULTS / f"sparse_attention_{device}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            row = {"context": n, "retained": kept, "full_ms": full_ms,
+                   "gather_ms": timed(lambda: gather_reference(q, k, v, indices, scale), repeats),
+                   "fused_ms": (timed(lambda: attention.sparse(q, k, v, indices, scale), repeats)
+                                if fused_available else None),
+                   "rotating_ms": timed(rotating_step(q, k, v, kept, scale), repeats)}
+            rows.append(row)
+            print(row, flush=True)
+    backend = device_label()
+    write_result(f"sparse_attention_{backend}", {
+        "benchmark": "sparse_attention", "quick": args.quick, "dtype": args.dtype,
+        "repeats": repeats, "fused_kernel": fused_available,
+        "shape": {"q_heads": N_Q_HEADS, "kv_heads": N_KV_HEADS, "head_dim": HEAD_DIM},
+        "rows": rows})
 
 
 if __name__ == "__main__":

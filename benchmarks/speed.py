@@ -2,7 +2,7 @@
 context length, for every policy and mlx-lm's own caches, in one process,
 interleaved and repeated so noise shows. SmolLM2 on real text (coreutils manual).
 
-    python benchmarks/speed.py [--quick] [--contexts 1024 4096]
+    python benchmarks/speed.py [--quick] [--contexts 1024 4096] [--caches full quantized]
 
 Writes benchmarks/results/speed_<backend>.json. Each row also carries the
 roofline: bytes a decode step must move (weights + attended KV) over the
@@ -58,9 +58,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--contexts", type=int, nargs="+", help="context lengths to measure")
+    parser.add_argument("--caches", nargs="+", help="only the caches whose label starts "
+                        "with one of these (e.g. full quantized 'mlx-lm Quantized')")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds (default 3 quick, 5)")
+    parser.add_argument("--name", help="result file name (default speed_<backend>)")
     args = parser.parse_args()
     contexts = args.contexts or ([1024] if args.quick else [1024, 2048, 4096, 8000])
     repeats, steps = (3, 8) if args.quick else (5, 16)
+    repeats = args.repeats or repeats
+    wanted = lambda label: not args.caches or label.startswith(tuple(args.caches))  # noqa: E731
 
     model, tokenizer = load("smollm2")
     twin = mlx_lm_twin(model)
@@ -76,9 +82,13 @@ def main():
         budget = context // 8
         runs = {}
         for label, (policy, policy_args) in OUR_POLICIES.items():
+            if not wanted(label):
+                continue
             runs[label] = (model, lambda p=policy, pa=policy_args: make_cache(
                 model, p, **with_budget(p, pa, budget)))
         for label, factory in MLX_LM_CACHES.items():
+            if not wanted(label):
+                continue
             runs[label] = (twin, lambda f=factory: [f(budget) for _ in twin.layers])
         state = {}
         for label, (m, build) in runs.items():
@@ -114,7 +124,7 @@ def main():
                   f"{max(s['ms']):.1f}), kv {kv_bytes / 2**20:.1f} MiB", flush=True)
         del state
         mx.clear_cache()
-    write_result(f"speed_{device_label()}", {
+    write_result(args.name or f"speed_{device_label()}", {
         "benchmark": "speed", "model": model.source, "text": TEXT, "quick": args.quick,
         "repeats": repeats, "steps_per_repeat": steps, "budget": "context/8",
         "bandwidth_gb_per_s": bandwidth, "weight_bytes": weight_bytes, "rows": rows})

@@ -1,8 +1,15 @@
-"""Attention entry points shared by the model ports and the cache policies."""
+"""Attention entry points shared by the model ports and the cache policies.
 
-from typing import Optional, Union
+`sparse` and `refresh_scores` run fused kernels (mlx_kvcache/kernels.py) on a
+GPU when the shapes suit them, and the pure-MLX references here otherwise.
+"""
+
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
+
+from mlx_kvcache import kernels
+from mlx_kvcache.quantized_attention import packed_scores
 
 
 def dense(
@@ -54,10 +61,12 @@ def sparse(
     contiguous; rows past the valid ones are never indexed); indices [B, Hkv, K] int, per KV head, shared by the Hq/Hkv query
     heads of its GQA group; mask None or broadcastable to [B, Hq, L, K].
 
-    This is the reference path: one gather of K rows from keys and one from
-    values, then dense attention over them. Fused kernels that read the rows in
-    place plug in behind this call.
+    On a GPU a fused kernel reads the retained rows in place (no mask, up to 8
+    queries, head dims 64/80/96/128). The reference path: one gather of K rows
+    from keys and one from values, then dense attention over them.
     """
+    if kernels.sparse_supported(queries, keys, indices, mask):
+        return kernels.sparse_attention(queries, keys, values, indices, scale)
     return mx.fast.scaled_dot_product_attention(
         queries, gather_rows(keys, indices), gather_rows(values, indices),
         scale=scale, mask=mask,
@@ -83,3 +92,50 @@ def scores(
     if mask is not None:
         logits = mx.where(mask, logits, -mx.inf)
     return mx.softmax(logits, axis=-1, precise=True)
+
+
+def pool_max(scores: mx.array, kernel: int) -> mx.array:
+    """1-D max-pool along the last axis, stride 1, same length (SnapKV's
+    clustering: a token near a high-scoring one is kept with it)."""
+    if kernel <= 1:
+        return scores
+    half = kernel // 2
+    n = scores.shape[-1]
+    pad = [(0, 0)] * (scores.ndim - 1) + [(half, kernel - 1 - half)]
+    padded = mx.pad(scores, pad, constant_values=-mx.inf)
+    pooled = padded[..., 0:n]
+    for shift in range(1, kernel):
+        pooled = mx.maximum(pooled, padded[..., shift : shift + n])
+    return pooled
+
+
+def group_max(scores: mx.array, n_kv_heads: int) -> mx.array:
+    """[B, Hq, N] -> [B, Hkv, N]: a token matters to a KV head if it matters to
+    any query head of its GQA group."""
+    B, n_q_heads, N = scores.shape
+    return scores.reshape(B, n_kv_heads, n_q_heads // n_kv_heads, N).max(axis=2)
+
+
+def refresh_scores(queries: mx.array, keys, n_keys: int, scale: float, pool_kernel: int,
+                   quantization: Optional[Tuple[int, int]] = None) -> mx.array:
+    """RefreshKV's scores for choosing the retained set, [B, Hkv, n_keys]:
+    softmax(q·Kᵀ·scale) over the first n_keys keys, summed over the queries,
+    max-pooled along the keys, reduced by max over each GQA group.
+
+    keys: the cache buffer [B, Hkv, rows, D] (rows >= n_keys), or its packed
+    (words, scales, biases) with quantization = (bits, group_size). One query
+    on a GPU: fused kernels (one read of the keys, no [Hq, N] probabilities
+    materialised in between).
+    """
+    if kernels.refresh_supported(queries, quantization):
+        return kernels.refresh_scores(queries, keys, n_keys, scale, pool_kernel, quantization)
+    if quantization is None:
+        n_kv_heads = keys.shape[1]
+        probs = scores(queries, keys[:, :, :n_keys], scale)
+    else:
+        B, n_q_heads, L, D = queries.shape
+        n_kv_heads = keys[0].shape[1]
+        q = (queries * scale).reshape(B, n_kv_heads, n_q_heads // n_kv_heads * L, D)
+        logits = packed_scores(q, tuple(a[:, :, :n_keys] for a in keys), *quantization)
+        probs = mx.softmax(logits.reshape(B, n_q_heads, L, -1), axis=-1, precise=True)
+    return group_max(pool_max(probs.sum(axis=2), pool_kernel), n_kv_heads)

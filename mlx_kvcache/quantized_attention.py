@@ -215,12 +215,3 @@ def _blocked_pass(queries, blocks, first_position: int, scale: float, causal: bo
     out = acc / total
     return out.reshape(B, n_q_heads, L, D).astype(out_dtype)
 
-
-def block_scores(queries: mx.array, storage: QuantizedKV, scale: float) -> mx.array:
-    """softmax(q·Kᵀ·scale) in float32 over a quantized store: [B, Hq, L, N]."""
-    B, n_q_heads, L, D = queries.shape
-    keys, _ = storage.held()
-    n_kv_heads = keys[0].shape[1]
-    q = (queries * scale).reshape(B, n_kv_heads, n_q_heads // n_kv_heads * L, D)
-    logits = packed_scores(q, keys, storage.bits, storage.group_size)
-    return mx.softmax(logits.reshape(B, n_q_heads, L, -1), axis=-1, precise=True)

@@ -5,7 +5,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_kvcache import UserError, make_cache
-from mlx_kvcache.policies.selection import group_max, pool_max, protect, select, top_k
+from mlx_kvcache.attention import group_max, pool_max
+from mlx_kvcache.policies.selection import protect, select, top_k
 from tests.helpers import TINY_CONFIGS, tiny_model
 
 # Every policy, in settings that exercise its modes, with a budget >= any

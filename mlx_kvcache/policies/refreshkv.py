@@ -3,16 +3,16 @@ from typing import ClassVar, Optional
 
 import mlx.core as mx
 
-from mlx_kvcache.attention import dense, scores, sparse
+from mlx_kvcache.attention import dense, refresh_scores, sparse
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.quantized_attention import attend_quantized, block_scores
+from mlx_kvcache.quantized_attention import attend_quantized
 from mlx_kvcache.quantized_kv import QuantizedKV, check_quantization
 
 from .budget import check_budget, resolve_budget
 from .full import FullCache
 from .protocol import rotate
 from .registry import register
-from .selection import select
+from .selection import top_scored
 
 DEFAULT_BUDGET_RATIO = 1 / 8
 
@@ -148,13 +148,15 @@ class RefreshKVCache:
         if self.capacity is None:
             self.capacity = resolve_budget(
                 self.budget, self.budget_ratio, n, DEFAULT_BUDGET_RATIO)
+        storage = self.full_cache
         if self.quantized:
-            probs = block_scores(queries, self.full_cache, scale)
+            per_head = refresh_scores(queries, storage.keys, n, scale, self.pool_kernel,
+                                      quantization=(storage.bits, storage.group_size))
         else:
-            probs = scores(queries, keys, scale)
-        self.retained, self.retained_scores = select(
-            probs, self._kv_heads(keys), min(self.capacity, n), pool_kernel=self.pool_kernel,
-            sinks=self.sinks, recent=self.recent)
+            # The whole buffer: the fused kernel reads it in place.
+            per_head = refresh_scores(queries, storage.keys, n, scale, self.pool_kernel)
+        self.retained, self.retained_scores = top_scored(
+            per_head, min(self.capacity, n), sinks=self.sinks, recent=self.recent)
         if self.quantized:
             self.partial_keys, self.partial_values = self.full_cache.gather(self.retained)
         self.refreshed_query = schedule_query.mean(axis=(1, 2)).astype(mx.float32)
@@ -163,9 +165,6 @@ class RefreshKVCache:
         if self.refresh_mode == "full":
             return self._attend_all(queries, keys, values, scale, None)
         return self._attend_retained(queries, scale)
-
-    def _kv_heads(self, keys) -> int:
-        return self.full_cache.keys[0].shape[1] if self.quantized else keys.shape[1]
 
     def _admit_newest(self, position: int, new_keys, new_values):
         """The new token joins the retained set: appended while the set is
