@@ -190,6 +190,10 @@ def main():
         (RESULTS / "speed_cpu.md").write_text(speed_table(speed) + "\n")
         readme = replace_section(readme, "speed", speed_table(speed)
                                  + "\n\n![decode ms/token](benchmarks/results/speed.png)")
+    quantized = load("speed_quantized_cpu")
+    if quantized:
+        (RESULTS / "speed_quantized_cpu.md").write_text(speed_table(quantized) + "\n")
+        readme = replace_section(readme, "speed_quantized", speed_table(quantized))
     if fidelity:
         (RESULTS / "fidelity.md").write_text(fidelity_tables(fidelity) + "\n")
         readme = replace_section(readme, "fidelity", fidelity_tables(fidelity)

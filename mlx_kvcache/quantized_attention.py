@@ -2,13 +2,12 @@
 
 A decode step scores the packed rows directly and takes one softmax over every
 segment a cache holds (quantized rows, exact rows): `decode_attention`. How the
-packed rows are read depends on the backend, measured per layer on the CPU
-(SmolLM2 shape, 4K tokens, 8-bit): `quantized_matmul` against transposed rows
-runs element by element (1.9 ms), so on the CPU the codes are unpacked with
-integer ops and multiplied by BLAS with the scales folded in afterwards
-(0.6 ms; full attention with sdpa: 1.7 ms). Apple GPUs have fast quantized
-kernels; MLX's CUDA backend lacks `quantized_matmul` for these shapes, so there
-the rows are dequantized in blocks.
+packed rows are read depends on the backend. On the CPU, `quantized_matmul`
+against transposed rows runs element by element (the scores of one layer, SmolLM2
+shape, 4K tokens, 8-bit: 1.9 ms), so the codes are unpacked with integer ops and
+multiplied by BLAS with the scales folded in afterwards (0.6 ms). Apple GPUs
+have fast quantized kernels; MLX's CUDA backend lacks `quantized_matmul` for
+these shapes, so there the rows are dequantized in blocks.
 
 Prefill (many queries) dequantizes one block of tokens at a time and merges
 the blocks by online softmax: `blocked_attention`.
@@ -34,15 +33,17 @@ def _on_apple_gpu() -> bool:
     return mx.metal.is_available() and mx.default_device().type == mx.gpu
 
 
+def _on_cuda_gpu() -> bool:
+    return mx.cuda.is_available() and mx.default_device().type == mx.gpu
+
+
 def attend_quantized(queries: mx.array, storage: QuantizedKV, scale: float,
                      causal: bool) -> mx.array:
     """Attention over a quantized store: the decode path for one query,
     blocks with an online softmax for a prompt chunk."""
     if queries.shape[2] > 1:
         return blocked_attention(queries, storage.blocks, storage.length, scale, causal)
-    keys, values = storage.held()
-    return decode_attention(queries, scale, keys[0].shape[1], [
-        packed_segment(keys, values, storage.bits, storage.group_size)])
+    return decode_attention(queries, scale, storage.keys[0].shape[1], [buffer_segment(storage)])
 
 
 def decode_attention(queries: mx.array, scale: float, n_kv_heads: int,
@@ -69,11 +70,21 @@ def exact_segment(keys: mx.array, values: mx.array) -> Segment:
     return segment
 
 
-def packed_segment(keys: Packed, values: Packed, bits: int, group_size: int) -> Segment:
-    """Rows quantized per token along head_dim, keys and values alike."""
+def buffer_segment(storage: QuantizedKV) -> Segment:
+    """A store's whole packed buffers, read in place: slicing them to the held
+    rows would copy them on every step (measured: a third of the step at 4K
+    tokens). Rows past the held ones are zero; their scores are cut off and
+    their probabilities padded with zeros."""
+    bits, group_size, n = storage.bits, storage.group_size, storage.length
+
     def segment(q):
-        return (packed_scores(q, keys, bits, group_size),
-                lambda p: packed_weighted_sum(p, values, bits, group_size))
+        logits = packed_scores(q, storage.keys, bits, group_size)[..., :n]
+
+        def weigh(p):
+            padding = storage.values[0].shape[2] - n
+            p = mx.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, padding)])
+            return packed_weighted_sum(p, storage.values, bits, group_size)
+        return logits, weigh
     return segment
 
 
@@ -143,7 +154,7 @@ def packed_channel_scores(q: mx.array, key_blocks: Packed, n_blocks: int, bits: 
     quantized along its tokens. q [B, Hkv, R, D] -> float32 [B, Hkv, R, n_blocks * G]."""
     B, H, R, D = q.shape
     blocks = tuple(a.reshape(B, H, n_blocks, D, -1) for a in key_blocks)
-    if mx.cuda.is_available():
+    if _on_cuda_gpu():
         k_t = mx.dequantize(*blocks, group_size=group_size, bits=bits).astype(q.dtype)
         logits = q[:, :, None] @ k_t
     else:
@@ -154,7 +165,7 @@ def packed_channel_scores(q: mx.array, key_blocks: Packed, n_blocks: int, bits: 
 
 def packed_weighted_sum(p: mx.array, values: Packed, bits: int, group_size: int) -> mx.array:
     """p [B, Hkv, R, n] @ dequantized values [B, Hkv, n, D]."""
-    if not mx.cuda.is_available():
+    if not _on_cuda_gpu():
         return mx.quantized_matmul(p, *values, transpose=False, group_size=group_size, bits=bits)
     return _dequantized_weighted_sum(p, values, bits, group_size)
 

@@ -90,7 +90,7 @@ def test_cuda_branches_agree_with_the_cpu_paths(monkeypatch):
     grouped = q.reshape(1, 2, 4, 64)
     cpu = (attend_quantized(q, store, 0.2, causal=False),
            quantized_attention.packed_channel_scores(grouped, key_blocks, 600 // 32, 4, 32))
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(quantized_attention, "_on_cuda_gpu", lambda: True)
     cuda = (attend_quantized(q, store, 0.2, causal=False),
             quantized_attention.packed_channel_scores(grouped, key_blocks, 600 // 32, 4, 32))
     for got, want in zip(cuda, cpu):

@@ -6,8 +6,8 @@ import mlx.core as mx
 
 from mlx_kvcache.attention import dense
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.quantized_attention import (blocked_attention, decode_attention, exact_segment,
-                                             packed_segment)
+from mlx_kvcache.quantized_attention import (blocked_attention, buffer_segment, decode_attention,
+                                             exact_segment)
 from mlx_kvcache.quantized_kv import QuantizedKV, QuantizedRows, check_quantization
 
 from .h2o import H2OCache
@@ -53,9 +53,8 @@ class MixedCache:
         if self.demoted.length == 0:
             out = dense(queries, keys, values, scale=scale, mask=mask)
         elif queries.shape[2] == 1:
-            demoted = packed_segment(*self.demoted.held(), self.kv_bits, self.kv_group_size)
             out = decode_attention(queries, scale, keys.shape[1],
-                                   [demoted, exact_segment(keys, values)])
+                                   [buffer_segment(self.demoted), exact_segment(keys, values)])
         else:
             # Demoted tokens are all older than the important ones' newest, so
             # with the important block last a causal mask stays bottom-right.
