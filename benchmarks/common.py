@@ -4,6 +4,7 @@ caches compared (ours by name, mlx-lm's own on mlx-lm's model)."""
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def provenance() -> dict:
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "commit": commit,
             "openblas_preload": "openblas" in os.environ.get("LD_PRELOAD", ""),
             "date": time.strftime("%Y-%m-%d"),
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+            "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}
 
 
 def write_result(name: str, data: dict) -> Path:

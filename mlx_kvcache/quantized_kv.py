@@ -5,6 +5,7 @@ Keys and values are quantized per token along head_dim with `mx.quantize`
 words plus a scale and bias per group, so `nbytes` is what is really held.
 Attention over them lives in `quantized_attention`.
 """
+
 from typing import Iterator, Optional, Tuple
 
 import mlx.core as mx
@@ -57,11 +58,6 @@ class QuantizedKV:
                 s[:, :, self.length : self.length + n] = a
         self.length += n
 
-    def held(self) -> Tuple[tuple, tuple]:
-        """The packed (words, scales, biases) of keys and of values, valid rows only."""
-        return tuple(tuple(a[:, :, : self.length] for a in stored)
-                     for stored in (self.keys, self.values))
-
     def rows(self, start: int, stop: int) -> Tuple[mx.array, mx.array]:
         """Dequantized keys and values of tokens [start, stop)."""
         return tuple(self.codec.decode(tuple(a[:, :, start:stop] for a in stored), self.dtype)
@@ -82,7 +78,7 @@ class QuantizedKV:
     def state(self):
         if self.keys is None:
             return {}
-        held = self.held()
+        held = [tuple(a[:, :, : self.length] for a in stored) for stored in (self.keys, self.values)]
         return {**self.codec.to_state("keys", held[0]), **self.codec.to_state("values", held[1])}
 
     @state.setter
