@@ -28,14 +28,14 @@ def load(name):
 
 
 def where(result) -> str:
-    quick = " (--quick)" if result.get("quick") else ""
+    how = " (--quick)" if result.get("quick") else ""
     if "command" in result.get("provenance", {}):
-        quick = f" (`{result['provenance']['command']}`)"
+        how = f" (`{result['provenance']['command']}`)"
     if "provenance" not in result:  # written before provenance was recorded
         return f"_{result['device']}, MLX {result['mlx']}, this repository's CPU machine._"
     p = result["provenance"]
     return (f"_{p['device']} on {p['machine']}, MLX {p['mlx']}, mlx-lm {p['mlx_lm']}, "
-            f"commit {p['commit']}, {p['date']}{quick}._")
+            f"commit {p['commit']}, {p['date']}{how}._")
 
 
 def speed_table(result) -> str:

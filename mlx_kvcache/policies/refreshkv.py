@@ -149,12 +149,9 @@ class RefreshKVCache:
             self.capacity = resolve_budget(
                 self.budget, self.budget_ratio, n, DEFAULT_BUDGET_RATIO)
         storage = self.full_cache
-        if self.quantized:
-            per_head = refresh_scores(queries, storage.keys, n, scale, self.pool_kernel,
-                                      quantization=(storage.bits, storage.group_size))
-        else:
-            # The whole buffer: the fused kernel reads it in place.
-            per_head = refresh_scores(queries, storage.keys, n, scale, self.pool_kernel)
+        quantization = (storage.bits, storage.group_size) if self.quantized else None
+        # The whole buffer, not the valid slice: the fused kernel reads it in place.
+        per_head = refresh_scores(queries, storage.keys, n, scale, self.pool_kernel, quantization)
         self.retained, self.retained_scores = top_scored(
             per_head, min(self.capacity, n), sinks=self.sinks, recent=self.recent)
         if self.quantized:
