@@ -86,6 +86,8 @@ OUR_POLICIES = {
     "kivi 4-bit": ("kivi", {"kv_bits": 4}),
     "kivi 2-bit": ("kivi", {"kv_bits": 2}),
     "mixed (budget 16-bit, rest 4-bit)": ("mixed", {"kv_bits": 4}),
+    "mixed (RefreshKV's choice 16-bit, rest 4-bit)": ("mixed", {"kv_bits": 4,
+                                                       "importance": "refreshkv"}),
 }
 
 # Policies whose size does not depend on a token budget.

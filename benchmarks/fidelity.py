@@ -34,6 +34,7 @@ QUANTIZED = [
     PolicySpec("quantized", {"kv_bits": 8}), PolicySpec("quantized", {"kv_bits": 4}),
     PolicySpec("kivi", {"kv_bits": 4}), PolicySpec("kivi", {"kv_bits": 2}),
     PolicySpec("mixed", {"budget_ratio": 1 / 8, "kv_bits": 4}),
+    PolicySpec("mixed", {"budget_ratio": 1 / 8, "kv_bits": 4, "importance": "refreshkv"}),
     PolicySpec("refreshkv", {"budget_ratio": 1 / 8, "full_cache_bits": 4}),
 ]
 

@@ -22,6 +22,7 @@ SETTINGS = [
     ("quantized", {"kv_bits": 8, "kv_group_size": 32, "quantized_kv_start": 64}),
     ("kivi", {"kv_bits": 2, "residual": 16}),
     ("mixed", {"budget": 20, "kv_group_size": 32, "high_bits": 8}),
+    ("mixed", {"budget": 20, "kv_group_size": 32, "importance": "refreshkv", "refresh_every": 3}),
     ("streaming", {"budget": 24, "kv_bits": 4, "kv_group_size": 32}),
 ]
 PROMPT = [(7 * i + 3) % 256 for i in range(60)]

@@ -159,6 +159,8 @@ def test_every_policy_generates_from_the_cli(tmp_path, manual_prompt, args, kept
     (["--policy", "streaming", "--budget-ratio", "0.5"], "--budget-ratio does not apply"),
     (["--policy", "refreshkv", "--threshold", "3"], "--threshold"),
     (["--policy", "refreshkv", "--refresh", "sometimes"], "invalid choice"),
+    (["--policy", "mixed", "--budget", "8", "--importance", "luck"], "invalid choice"),
+    (["--policy", "mixed", "--budget", "8", "--refresh-every", "0"], "--refresh-every"),
 ])
 def test_invalid_policy_settings_get_one_line(args, fragment):
     assert_one_line_error(run_cli("--prompt", "hi", *args), fragment)
@@ -172,6 +174,8 @@ def test_invalid_policy_settings_get_one_line(args, fragment):
      lambda s: s["policy_stats"][0]["quantized_tokens"] > 0),
     (["--policy", "mixed", "--budget", "32", "--high-bits", "8"],
      lambda s: s["policy_stats"][0]["demoted_tokens"] > 0),
+    (["--policy", "mixed", "--budget", "32", "--importance", "refreshkv"],
+     lambda s: s["policy_stats"][0]["high_precision_tokens"] == 32),
     (["--policy", "refreshkv", "--budget", "32", "--full-cache-bits", "4"],
      lambda s: s["policy_stats"][0]["retained_tokens"] == 32),
 ])

@@ -115,6 +115,7 @@ def test_kivi_decode_step_equals_its_blocked_attention():
 @pytest.mark.parametrize("policy, args", [
     ("kivi", {"kv_bits": 4, "residual": 4096}),
     ("mixed", {"budget": 4096, "kv_group_size": 32}),
+    ("mixed", {"budget": 4096, "kv_group_size": 32, "importance": "refreshkv"}),
     ("quantized", {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 4096}),
 ], ids=str)
 def test_nothing_lossy_reproduces_full_exactly(policy, args):
@@ -151,6 +152,41 @@ def test_mixed_demotes_during_a_chunked_prompt():
         model(mx.array(PROMPT[i : i + 64])[None], cache=cache)
     assert cache[0].stats() == {"kept_tokens": 192, "high_precision_tokens": 48,
                                 "demoted_tokens": 144}
+
+
+def refresh_choice(queries, keys, scale, k):
+    """RefreshKV's choice written out: the last query's softmax over the keys,
+    max over each GQA group, the k best rows per KV head, ascending."""
+    n_kv_heads = keys.shape[1]
+    grouped = mx.repeat(keys, queries.shape[1] // n_kv_heads, axis=1)
+    probs = mx.softmax((queries[:, :, -1:] * scale) @ grouped.swapaxes(-1, -2), axis=-1)
+    per_head = probs[:, :, 0].reshape(1, n_kv_heads, -1, keys.shape[2]).max(axis=2)
+    return mx.sort(mx.argsort(-per_head, axis=-1)[..., :k], axis=-1)
+
+
+def test_mixed_keeps_refreshkv_selection_at_high_precision():
+    mx.random.seed(5)
+    cache = make_cache(tiny_model("llama3"), "mixed", budget=16, kv_group_size=32,
+                       importance="refreshkv", refresh_every=3)[0]
+    no_rope = lambda x, offset=0: x  # noqa: E731
+    q, k, v = (mx.random.normal((1, n, 64, 32)) for n in (4, 2, 2))
+    cache.attend(q, k, v, rope=no_rope, scale=0.2, mask="causal")
+    # The prompt's last query picks the 16 kept at high precision.
+    assert mx.array_equal(cache.important.kept_positions, refresh_choice(q, k, 0.2, 16))
+    for step in range(3):
+        held_keys, held_positions = cache.important.keys, cache.important.kept_positions
+        q, k, v = (mx.random.normal((1, n, 1, 32)) for n in (4, 2, 2))
+        cache.attend(q, k, v, rope=no_rope, scale=0.2, mask=None)
+        assert cache.stats() == {"kept_tokens": 65 + step, "high_precision_tokens": 16,
+                                 "demoted_tokens": 49 + step}
+        kept = cache.important.kept_positions
+        if step < 2:  # between refreshes each new token joins the set
+            assert (kept == 64 + step).any(axis=-1).all()
+    # The third step refreshes: its query chooses among the 17 rows it scored.
+    rows = mx.concatenate([held_keys, k], axis=2)
+    positions = mx.concatenate([held_positions, mx.full((1, 2, 1), 66, mx.int32)], axis=2)
+    chosen = refresh_choice(q, rows, 0.2, 16)
+    assert mx.array_equal(kept, mx.take_along_axis(positions, chosen, axis=-1))
 
 
 def test_quantized_modes_hold_fewer_real_bytes():

@@ -38,6 +38,7 @@ class H2OCache:
         self.accumulated = None  # [B, Hkv, n] float32
         self.kept_positions = None  # [B, Hkv, n] int32: evictions differ per head
         self.capacity = None  # tokens kept, fixed at the first cut
+        self.keep_recent = True  # half the capacity always the newest tokens
         self.offset = 0
         self.dtype = None
 
@@ -100,7 +101,7 @@ class H2OCache:
         excess = n - self.capacity
         if excess <= 0:
             return None
-        recent = self.capacity - self.capacity // 2
+        recent = self.capacity - self.capacity // 2 if self.keep_recent else 0
         # The `recent` newest positions are never candidates.
         candidates = mx.where(self.kept_positions < self.offset - recent, self.accumulated, mx.inf)
         order = mx.argsort(-candidates, axis=-1)

@@ -4,7 +4,7 @@ from typing import ClassVar, Optional
 
 import mlx.core as mx
 
-from mlx_kvcache.attention import dense
+from mlx_kvcache.attention import dense, refresh_scores
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.quantized_attention import (blocked_attention, buffer_segment, decode_attention,
                                              exact_segment)
@@ -22,7 +22,13 @@ class MixedCache:
     at high precision (`high_bits` 16: the model's dtype, or 8); every token
     H2O would evict is demoted to `kv_bits` (2-4) instead of dropped.
 
-    Importance is H2O's accumulated attention, over the high-precision set.
+    What marks a token important (`importance`): H2O's attention accumulated
+    over every query so far (the paper's rule), or RefreshKV's selection: the
+    attention of the current query alone, taken at the end of each prompt
+    chunk and every `refresh_every` decode steps; between refreshes each new
+    token enters the set and the lowest-scored one leaves it. Either way
+    only the high-precision set is scored: a demoted token's lost bits cannot
+    come back, so it is never promoted.
     """
 
     name: ClassVar[str] = "mixed"
@@ -32,6 +38,12 @@ class MixedCache:
         "choices": [16, 8], "help": "mixed: precision of the important tokens"})
     kv_bits: int = 4
     kv_group_size: int = 64
+    importance: str = field(default="h2o", metadata={
+        "choices": ["h2o", "refreshkv"],
+        "help": "mixed: what keeps a token at high precision: H2O's accumulated attention, "
+                "or RefreshKV's selection by the current query"})
+    refresh_every: int = field(default=10, metadata={
+        "help": "refreshkv --refresh stride, mixed --importance refreshkv: steps between refreshes"})
 
     def __post_init__(self):
         if self.high_bits not in (16, 8):
@@ -39,7 +51,16 @@ class MixedCache:
         if self.kv_bits not in (2, 3, 4):
             raise UserError(f"mixed: --kv-bits (the demoted tokens) is 2, 3 or 4, got {self.kv_bits}")
         check_quantization(self.name, self.kv_bits, self.kv_group_size)
+        if self.importance not in ("h2o", "refreshkv"):
+            raise UserError(f"mixed: --importance is h2o or refreshkv, got {self.importance!r}")
+        if self.refresh_every < 1:
+            raise UserError("mixed: --refresh-every must be >= 1")
         self.important = H2OCache(budget=self.budget, budget_ratio=self.budget_ratio)
+        if self.importance == "refreshkv":
+            # The set is the top `budget` by the last refresh's scores, new
+            # tokens included until the next refresh judges them.
+            self.important.keep_recent = False
+        self.steps_since_refresh = 0
         if self.high_bits == 8:
             self.important.codec = QuantizedRows(8, self.kv_group_size)
         self.demoted = QuantizedKV(self.kv_bits, self.kv_group_size)
@@ -62,7 +83,10 @@ class MixedCache:
             out = blocked_attention(queries, lambda: chain(self.demoted.blocks(), important),
                                     self.demoted.length + keys.shape[2], scale,
                                     causal=mask is not None)
-        self.important.accumulate(queries, keys, scale)
+        if self.importance == "h2o":
+            self.important.accumulate(queries, keys, scale)
+        else:
+            self._refresh_scores(queries, keys, scale)
         if queries.shape[2] > 1:
             # Demote right after each prompt chunk, not at the first decode step
             # as H2O cuts: else every layer holds its whole prompt exact until
@@ -76,6 +100,21 @@ class MixedCache:
         if queries.shape[2] > 1:
             mx.eval(self.state)  # this layer's demotion now, not at the end of the forward pass
         return out
+
+    def _refresh_scores(self, queries, keys, scale):
+        """RefreshKV's rule over the high-precision set: at the end of a prompt
+        chunk or every `refresh_every` steps, score it with the last query
+        (softmax over the set, max over each GQA group); else the new token
+        is unbeatable until then."""
+        if queries.shape[2] == 1 and self.steps_since_refresh + 1 < self.refresh_every:
+            self.steps_since_refresh += 1
+            self.important.accumulated[..., -1:] = mx.inf
+            return
+        # No max-pooling (RefreshKV's pool_kernel): after the first demotion
+        # neighbours in the set are not neighbours in the text.
+        self.important.accumulated = refresh_scores(
+            queries[:, :, -1:], keys, keys.shape[2], scale, pool_kernel=1)
+        self.steps_since_refresh = 0
 
     def stats(self) -> dict:
         return {"kept_tokens": self.offset, "high_precision_tokens":
