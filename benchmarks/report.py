@@ -76,6 +76,29 @@ def sparse_attention_table(result) -> str:
     return "\n".join(lines)
 
 
+def quantized_decode_table(result) -> str:
+    graph = result["primitives_per_decode_step"]
+    counts = ", ".join(f"{label} {n}" for label, n in graph.items())
+    lines = [f"One layer of SmolLM2's attention (9 query heads, 3 KV heads, head dim 64), "
+             f"median ms over {result['repeats']} runs. MLX primitives in one decode step of "
+             f"one layer (RoPE, append, attention): {counts}; one small primitive costs "
+             f"{result['us_per_small_primitive']:.1f} us to run here. {where(result)}", "",
+             "| rows | part | float32 rows (full) | packed 8-bit | packed 4-bit |",
+             "|---:|---|---:|---:|---:|"]
+    for row in result["parts_ms"]:
+        exact, eight, four = row["float32"], row["8-bit"], row["4-bit"]
+        softmax = exact["softmax"]  # the same softmax over the same logits for all three
+        for part in ("scores", "weighted_sum"):
+            lines.append(f"| {row['rows']} | {part.replace('_', ' ')} | {exact[part]:.3f} | "
+                         f"{eight[part]:.3f} | {four[part]:.3f} |")
+        lines.append(f"| {row['rows']} | softmax | {softmax:.3f} | {softmax:.3f} | {softmax:.3f} |")
+        total = lambda parts: parts["scores"] + softmax + parts["weighted_sum"]  # noqa: E731
+        lines.append(f"| {row['rows']} | sum of the parts | {total(exact):.3f} | "
+                     f"{total(eight):.3f} | {total(four):.3f} |")
+        lines.append(f"| {row['rows']} | MLX fused attention | {exact['fused_sdpa']:.3f} | | |")
+    return "\n".join(lines)
+
+
 def label(result) -> str:
     return result["label"].replace("budget_ratio=0.0625", "L/16").replace(
         "budget_ratio=0.125", "L/8").replace("budget_ratio=0.25", "L/4")
@@ -194,6 +217,11 @@ def main():
     if quantized:
         (RESULTS / "speed_quantized_cpu.md").write_text(speed_table(quantized) + "\n")
         readme = replace_section(readme, "speed_quantized", speed_table(quantized))
+    breakdown = load("quantized_decode_cpu")
+    if breakdown:
+        table = quantized_decode_table(breakdown)
+        (RESULTS / "quantized_decode_cpu.md").write_text(table + "\n")
+        readme = replace_section(readme, "quantized_decode_cpu", table)
     if fidelity:
         (RESULTS / "fidelity.md").write_text(fidelity_tables(fidelity) + "\n")
         readme = replace_section(readme, "fidelity", fidelity_tables(fidelity)

@@ -66,7 +66,8 @@ def test_decode_step_equals_dense_attention_over_the_dequantized_rows(
     # Unpacked codes (2/4/8 bits, one or several groups per row) or dequantized
     # rows (3/6), in several score blocks, must give exactly what attention
     # over the rows the store decodes to gives.
-    monkeypatch.setattr(quantized_attention, "SCORE_TOKENS", 256)
+    # 2 heads x 64 dims x float32 = 512 bytes a row: 256 rows a pass (128 at dim 128)
+    monkeypatch.setattr(quantized_attention, "SCORE_BYTES", 1 << 17)
     mx.random.seed(bits)
     store = QuantizedKV(bits, group_size)
     k, v = mx.random.normal((1, 2, 700, head_dim)), mx.random.normal((1, 2, 700, head_dim))
@@ -91,6 +92,7 @@ def test_cuda_branches_agree_with_the_cpu_paths(monkeypatch):
     cpu = (attend_quantized(q, store, 0.2, causal=False),
            quantized_attention.packed_channel_scores(grouped, key_blocks, 600 // 32, 4, 32))
     monkeypatch.setattr(quantized_attention, "_on_cuda_gpu", lambda: True)
+    monkeypatch.setattr(quantized_attention, "SCORE_BYTES", 1 << 17)  # values in 3 passes
     cuda = (attend_quantized(q, store, 0.2, causal=False),
             quantized_attention.packed_channel_scores(grouped, key_blocks, 600 // 32, 4, 32))
     for got, want in zip(cuda, cpu):
