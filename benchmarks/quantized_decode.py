@@ -1,14 +1,14 @@
 """Where a quantized decode step's time goes, against the full cache's, for one
-layer of SmolLM2's attention (9 query heads, 3 KV heads, head dim 64) on the
-current MLX device, side by side in one run:
+layer's attention on the current MLX device, side by side in one run:
 
-- graph: MLX primitives in one decode step of one layer (the policy's
+- graph: MLX primitives in one decode step of one SmolLM2 layer (the policy's
   `attend`: RoPE, append, attention), and what one small primitive costs to
-  run (a chain of 1000 adds, divided by 1000);
-- parts, at N rows: the scores, the softmax and the weighted sum of values,
-  each over float32 rows (the full cache's arithmetic) and over packed 8/4-bit
-  rows (our path on this device), and MLX's fused attention over float32 rows
-  (what the full cache calls).
+  build and run (a chain of 1000 adds, divided by 1000);
+- parts, at N rows, in SmolLM2-135M's shape (9 query heads, 3 KV heads, head
+  dim 64) and Llama-3.1-8B's (32, 8, 128): the scores, the softmax and the
+  weighted sum of values, each over float32 rows (the full cache's arithmetic)
+  and over packed 8/4-bit rows (our path on this device, group size 64), and
+  MLX's fused attention over float32 rows (what the full cache calls).
 
     python benchmarks/quantized_decode.py [--rows 1024 4352]
 
@@ -27,7 +27,8 @@ from common import device_label, write_result
 from mlx_kvcache.policies import POLICIES
 from mlx_kvcache.quantized_attention import packed_scores, packed_weighted_sum
 
-N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_SIZE = 9, 3, 64, 64
+N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_SIZE = 9, 3, 64, 64  # SmolLM2-135M
+SHAPES = {"SmolLM2-135M": (9, 3, 64), "Llama-3.1-8B": (32, 8, 128)}
 CACHES = {"full": ("full", {}), "quantized 8-bit": ("quantized", {"kv_bits": 8}),
           "quantized 4-bit": ("quantized", {"kv_bits": 4})}
 
@@ -88,14 +89,15 @@ def primitive_cost_us(repeats: int) -> float:
     return timed(chain, repeats)  # ms for 1000 = us for one
 
 
-def parts(rows: int, repeats: int) -> dict:
-    q = mx.random.normal((1, N_KV_HEADS, N_Q_HEADS // N_KV_HEADS, HEAD_DIM))
-    keys, values = (mx.random.normal((1, N_KV_HEADS, rows, HEAD_DIM)) for _ in range(2))
+def parts(shape: str, rows: int, repeats: int) -> dict:
+    n_q_heads, n_kv_heads, head_dim = SHAPES[shape]
+    q = mx.random.normal((1, n_kv_heads, n_q_heads // n_kv_heads, head_dim))
+    keys, values = (mx.random.normal((1, n_kv_heads, rows, head_dim)) for _ in range(2))
     logits = q @ keys.swapaxes(-1, -2)
     probs = mx.softmax(logits, axis=-1, precise=True)
     mx.eval(q, keys, values, logits, probs)
-    q_heads = q.reshape(1, N_Q_HEADS, 1, HEAD_DIM)
-    row = {"rows": rows,
+    q_heads = q.reshape(1, n_q_heads, 1, head_dim)
+    row = {"shape": shape, "rows": rows,
            "float32": {"scores": timed(lambda: q @ keys.swapaxes(-1, -2), repeats),
                        "softmax": timed(lambda: mx.softmax(logits, axis=-1, precise=True),
                                         repeats),
@@ -122,12 +124,11 @@ def main():
     mx.random.seed(0)
     graph = {label: decode_step_primitives(policy, policy_args, 1000)
              for label, (policy, policy_args) in CACHES.items()}
-    result = {"benchmark": "quantized_decode", "shape": {
-                  "n_q_heads": N_Q_HEADS, "n_kv_heads": N_KV_HEADS, "head_dim": HEAD_DIM,
-                  "group_size": GROUP_SIZE},
+    result = {"benchmark": "quantized_decode", "shapes": SHAPES, "group_size": GROUP_SIZE,
               "repeats": args.repeats, "primitives_per_decode_step": graph,
               "us_per_small_primitive": primitive_cost_us(args.repeats // 10),
-              "parts_ms": [parts(rows, args.repeats) for rows in args.rows]}
+              "parts_ms": [parts(shape, rows, args.repeats)
+                           for shape in SHAPES for rows in args.rows]}
     path = write_result(f"quantized_decode_{device_label()}", result)
     print(path)
 

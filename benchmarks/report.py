@@ -79,23 +79,27 @@ def sparse_attention_table(result) -> str:
 def quantized_decode_table(result) -> str:
     graph = result["primitives_per_decode_step"]
     counts = ", ".join(f"{label} {n}" for label, n in graph.items())
-    lines = [f"One layer of SmolLM2's attention (9 query heads, 3 KV heads, head dim 64), "
-             f"median ms over {result['repeats']} runs. MLX primitives in one decode step of "
-             f"one layer (RoPE, append, attention): {counts}; one small primitive costs "
-             f"{result['us_per_small_primitive']:.1f} us to run here. {where(result)}", "",
-             "| rows | part | float32 rows (full) | packed 8-bit | packed 4-bit |",
-             "|---:|---|---:|---:|---:|"]
+    shapes = "; ".join(f"{name}: {q} query heads, {kv} KV heads, head dim {d}"
+                       for name, (q, kv, d) in result["shapes"].items())
+    lines = [f"One layer's decode-step attention ({shapes}; group size "
+             f"{result['group_size']}), median ms over {result['repeats']} runs. MLX primitives "
+             f"in one decode step of one SmolLM2 layer (RoPE, append, attention): {counts}; one "
+             f"small primitive costs {result['us_per_small_primitive']:.1f} us to build and run "
+             f"here. {where(result)}", "",
+             "| shape | rows | part | float32 rows (full) | packed 8-bit | packed 4-bit |",
+             "|---|---:|---|---:|---:|---:|"]
     for row in result["parts_ms"]:
         exact, eight, four = row["float32"], row["8-bit"], row["4-bit"]
         softmax = exact["softmax"]  # the same softmax over the same logits for all three
+        at = f"| {row['shape']} | {row['rows']}"
         for part in ("scores", "weighted_sum"):
-            lines.append(f"| {row['rows']} | {part.replace('_', ' ')} | {exact[part]:.3f} | "
+            lines.append(f"{at} | {part.replace('_', ' ')} | {exact[part]:.3f} | "
                          f"{eight[part]:.3f} | {four[part]:.3f} |")
-        lines.append(f"| {row['rows']} | softmax | {softmax:.3f} | {softmax:.3f} | {softmax:.3f} |")
+        lines.append(f"{at} | softmax | {softmax:.3f} | {softmax:.3f} | {softmax:.3f} |")
         total = lambda parts: parts["scores"] + softmax + parts["weighted_sum"]  # noqa: E731
-        lines.append(f"| {row['rows']} | sum of the parts | {total(exact):.3f} | "
+        lines.append(f"{at} | **sum of the parts** | {total(exact):.3f} | "
                      f"{total(eight):.3f} | {total(four):.3f} |")
-        lines.append(f"| {row['rows']} | MLX fused attention | {exact['fused_sdpa']:.3f} | | |")
+        lines.append(f"{at} | MLX fused attention | {exact['fused_sdpa']:.3f} | | |")
     return "\n".join(lines)
 
 

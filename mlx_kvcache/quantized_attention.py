@@ -13,6 +13,7 @@ Prefill (many queries) dequantizes one block of tokens at a time and merges
 the blocks by online softmax: `blocked_attention`.
 """
 
+from functools import lru_cache
 from typing import Callable, List, Tuple
 
 import mlx.core as mx
@@ -116,46 +117,63 @@ def _rows_per_pass(batch: int, heads: int, head_dim: int) -> int:
     return max(1, SCORE_BYTES // (batch * heads * head_dim * 4))
 
 
-def _codes(packed: mx.array, bits: int, group_size: int) -> mx.array:
-    """The integer codes as float32 [B, H, groups, n, group_size], each group's
-    channels in code order: a byte holds 8/bits codes, lowest bits first, and
-    the codes are not interleaved back into channel order (the query is
-    permuted to match instead: `_code_order`)."""
-    B, H, n, words = packed.shape
+def _codes(packed: mx.array, bits: int) -> mx.array:
+    """The integer codes as float32 [B, H, n, D], in code order: a byte holds
+    8/bits codes, lowest bits first, and each row lists every byte's first
+    code, then every byte's second... The codes are not interleaved back into
+    channel order (a copy of the whole block); the query is permuted to match
+    instead (`_code_order`)."""
+    codes = packed.view(mx.uint8)
     per_byte = 8 // bits
-    group_bytes = group_size // per_byte
-    n_groups = words * 4 // group_bytes
-    codes = packed.view(mx.uint8).reshape(B, H, n, n_groups, 1, group_bytes).transpose(
-        0, 1, 3, 2, 4, 5)  # [B, H, groups, n, 1, bytes]
-    if per_byte > 1:
-        shifts = (mx.arange(per_byte, dtype=mx.uint8) * bits).reshape(per_byte, 1)
-        codes = (codes >> shifts) & ((1 << bits) - 1)  # [B, H, groups, n, per_byte, bytes]
-    return codes.astype(mx.float32).reshape(B, H, n_groups, n, group_size)
+    if per_byte == 1:
+        return codes.astype(mx.float32)
+    B, H, n, n_bytes = codes.shape
+    shifts = (mx.arange(per_byte, dtype=mx.uint8) * bits).reshape(per_byte, 1)
+    codes = (codes[:, :, :, None] >> shifts) & ((1 << bits) - 1)  # [B, H, n, per_byte, bytes]
+    return codes.astype(mx.float32).reshape(B, H, n, per_byte * n_bytes)
 
 
-def _code_order(x: mx.array, bits: int, group_size: int) -> mx.array:
-    """[B, H, R, D] in channel order -> [B, H, groups, R, group_size] in code order."""
+def _code_order(x: mx.array, bits: int) -> mx.array:
+    """[B, H, R, D] in channel order -> the same in `_codes`' order."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return x
     B, H, R, D = x.shape
+    return x.reshape(B, H, R, D // per_byte, per_byte).swapaxes(-1, -2).reshape(B, H, R, D)
+
+
+@lru_cache(maxsize=None)
+def _group_mask(head_dim: int, bits: int, group_size: int) -> mx.array:
+    """[groups, D] float32: 1 where a position in `_codes`' order holds a
+    channel of that group."""
     per_byte = 8 // bits
-    x = x.reshape(B, H, R, D // group_size, group_size // per_byte, per_byte).swapaxes(-1, -2)
-    return x.reshape(B, H, R, D // group_size, group_size).transpose(0, 1, 3, 2, 4)
-
-
-def _per_group(a: mx.array) -> mx.array:
-    """Scales or biases [B, H, n, groups] -> [B, H, groups, 1, n] float32."""
-    return a.astype(mx.float32).transpose(0, 1, 3, 2)[:, :, :, None]
+    position = mx.arange(head_dim)
+    byte, code = position % (head_dim // per_byte), position // (head_dim // per_byte)
+    channel = byte * per_byte + code
+    return (channel // group_size == mx.arange(head_dim // group_size)[:, None]).astype(mx.float32)
 
 
 def _unpacked_scores(q: mx.array, keys: Packed, bits: int, group_size: int) -> mx.array:
-    """Within a group k = code * scale + bias, so q·k = scale * (q·codes) +
-    bias * sum(q): BLAS multiplies the codes, the scales come after."""
+    """Within a group k = code * scale + bias, so q·k = Σ_groups scale * (q·codes)
+    + bias * sum(q): BLAS multiplies the codes, the scales come after. With
+    several groups a row, each query row goes in once per group with the other
+    groups' channels zeroed, so one product reads the codes once, with no
+    transposed copy of them (measured on the CPU, 8 KV heads, head dim 128,
+    4352 rows, 8-bit: 1.3 ms vs 12 ms with the codes regrouped)."""
     packed, scales, biases = keys
-    q = q.astype(mx.float32)
-    dots = _code_order(q, bits, group_size) @ _codes(packed, bits, group_size).swapaxes(-1, -2)
     B, H, R, D = q.shape
-    q_sums = q.reshape(B, H, R, D // group_size, group_size).sum(-1)
-    q_sums = q_sums.transpose(0, 1, 3, 2)[..., None]  # [B, H, groups, R, 1]
-    return (dots * _per_group(scales) + q_sums * _per_group(biases)).sum(axis=2)
+    groups = D // group_size
+    q = q.astype(mx.float32)
+    rows = _code_order(q, bits)
+    if groups > 1:
+        rows = (rows[:, :, :, None] * _group_mask(D, bits, group_size)).reshape(
+            B, H, R * groups, D)
+    dots = (rows @ _codes(packed, bits).swapaxes(-1, -2)).reshape(B, H, R, groups, -1)
+    q_sums = q.reshape(B, H, R, groups, group_size).sum(-1, keepdims=True)
+
+    def per_group(a):  # scales or biases [B, H, n, groups] -> [B, H, 1, groups, n]
+        return a.astype(mx.float32).swapaxes(-1, -2)[:, :, None]
+    return (dots * per_group(scales) + q_sums * per_group(biases)).sum(axis=3)
 
 
 def packed_channel_scores(q: mx.array, key_blocks: Packed, n_blocks: int, bits: int,
