@@ -5,9 +5,11 @@ segment a cache holds (quantized rows, exact rows): `decode_attention`. How the
 packed rows are read depends on the backend. On the CPU, `quantized_matmul`
 against transposed rows runs element by element (the scores of one layer, SmolLM2
 shape, 4K tokens, 8-bit: 1.9 ms), so the codes are unpacked with integer ops and
-multiplied by BLAS with the scales folded in afterwards (0.6 ms). Apple GPUs
-have fast quantized kernels; MLX's CUDA backend lacks `quantized_matmul` for
-these shapes, so there the rows are dequantized in blocks.
+multiplied by BLAS with the scales folded in afterwards (0.4 ms; the parts of a
+step side by side: benchmarks/quantized_decode.py). Apple GPUs have fast
+quantized kernels; MLX's CUDA backend lacks `quantized_matmul` for these
+shapes, so there keys take the unpacked path too and values are dequantized
+in blocks.
 
 Prefill (many queries) dequantizes one block of tokens at a time and merges
 the blocks by online softmax: `blocked_attention`.
