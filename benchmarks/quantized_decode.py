@@ -10,7 +10,7 @@ layer's attention on the current MLX device, side by side in one run:
   and over packed 8/4-bit rows (our path on this device, group size 64), and
   MLX's fused attention over float32 rows (what the full cache calls).
 
-    python benchmarks/quantized_decode.py [--rows 1024 4352]
+    python benchmarks/quantized_decode.py [--quick] [--rows 1024 4352]
 
 Writes benchmarks/results/quantized_decode_<backend>.json.
 """
@@ -119,8 +119,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1024, 4352],
                         help="cache rows for the parts (4352: a 4K context's buffer)")
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=int, help="timed runs per part (default 200, quick 50)")
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    args.repeats = args.repeats or (50 if args.quick else 200)
     mx.random.seed(0)
     graph = {label: decode_step_primitives(policy, policy_args, 1000)
              for label, (policy, policy_args) in CACHES.items()}

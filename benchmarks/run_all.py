@@ -20,7 +20,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     flags = ["--quick"] if args.quick else []
-    for script in ("sparse_attention.py", "speed.py", "fidelity.py"):
+    for script in ("sparse_attention.py", "quantized_decode.py", "speed.py", "fidelity.py"):
         print(f"== {script} {' '.join(flags)}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *flags], check=True)
     subprocess.run([sys.executable, str(HERE / "report.py")], check=True)
