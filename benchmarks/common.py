@@ -47,6 +47,18 @@ def write_result(name: str, data: dict) -> Path:
     return path
 
 
+def timed(fn, repeats: int, warmup: int = 3) -> float:
+    """Median ms of evaluating fn() `repeats` times, after `warmup` runs."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     """Measured read bandwidth the way a decode step reads its weights: a
     float32 matrix-vector product over a matrix far larger than the caches."""

@@ -11,8 +11,9 @@ Debian machine), and RefreshKV's trade-off curve, in one process:
 - longform: greedy continuation agreement with full, first divergence, ROUGE-L.
 
     python benchmarks/fidelity.py [--quick]
+    python benchmarks/fidelity.py --quantized-at 4096   # full and the quantized caches only
 
-Writes benchmarks/results/fidelity.json.
+Writes benchmarks/results/fidelity.json (fidelity_quantized.json with --quantized-at).
 """
 
 import argparse
@@ -68,14 +69,43 @@ def tradeoff_specs(ratio, quick):
     return specs
 
 
+def ppl_beside_mlx_lm(model, tokenizer, specs, mlx_lm_caches, ns, log) -> dict:
+    """Perplexity of our policies, then of mlx-lm's own caches on mlx-lm's
+    model, same windows, same protocol; ratios to the first spec (full)."""
+    result = run_task("ppl", model, tokenizer, specs, ns, log)
+    twin = mlx_lm_twin(model)
+    twin.source = model.source
+    theirs = run_task("ppl", twin, tokenizer,
+                      [MlxLmSpec(label, factory) for label, factory in mlx_lm_caches.items()],
+                      ns, log)
+    full_ppl = result["results"][0]["ppl"]
+    for r in theirs["results"]:
+        r["ratio_to_full"] = r["ppl"] / full_ppl
+    result["results"] += theirs["results"]
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quantized-at", type=int, metavar="TOKENS",
+                        help="only full and the quantized caches (ours and mlx-lm's), "
+                             "perplexity of the last 256 tokens of one TOKENS-token window")
     args = parser.parse_args()
     quick = args.quick
     model, tokenizer = load("smollm2")
     log = lambda line: print(line, flush=True)  # noqa: E731
     report = {"benchmark": "fidelity", "model": model.source, "quick": quick, "tasks": []}
+    if args.quantized_at:
+        ns = SimpleNamespace(text_file=TEXTS["coreutils"], context=args.quantized_at,
+                             score_last=256, windows=1)
+        theirs = {k: v for k, v in MLX_LM_CACHES.items() if "Quantized" in k}
+        result = ppl_beside_mlx_lm(model, tokenizer, [PolicySpec("full")] + QUANTIZED,
+                                   theirs, ns, log)
+        result.update(text="coreutils", windows=ns.windows, score_last=ns.score_last)
+        report["tasks"].append(result)
+        write_result("fidelity_quantized", report)
+        return
 
     ratios = [1 / 8] if quick else [1 / 16, 1 / 8, 1 / 4]
     texts = {"coreutils": TEXTS["coreutils"]} if quick else TEXTS
@@ -87,18 +117,9 @@ def main():
                                         for r in ratios for n in OTHERS]
         if text_name == "coreutils":
             specs += [s for s in tradeoff_specs(1 / 8, quick) if s not in specs] + QUANTIZED
-        result = run_task("ppl", model, tokenizer, specs, ns, log)
-        if text_name == "coreutils":
-            # mlx-lm's own caches on mlx-lm's model, same windows, same protocol.
-            twin = mlx_lm_twin(model)
-            twin.source = model.source
-            theirs = run_task("ppl", twin, tokenizer,
-                              [MlxLmSpec(label, factory) for label, factory in
-                               MLX_LM_CACHES.items()], ns, log)
-            full_ppl = result["results"][0]["ppl"]
-            for r in theirs["results"]:
-                r["ratio_to_full"] = r["ppl"] / full_ppl
-            result["results"] += theirs["results"]
+            result = ppl_beside_mlx_lm(model, tokenizer, specs, MLX_LM_CACHES, ns, log)
+        else:
+            result = run_task("ppl", model, tokenizer, specs, ns, log)
         result.update(text=text_name, windows=ns.windows, score_last=ns.score_last)
         report["tasks"].append(result)
         write_result("fidelity", report)

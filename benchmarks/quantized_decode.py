@@ -17,31 +17,19 @@ Writes benchmarks/results/quantized_decode_<backend>.json.
 
 import argparse
 import io
-import statistics
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
-from common import device_label, write_result
+from common import device_label, timed, write_result
 
 from mlx_kvcache.policies import POLICIES
 from mlx_kvcache.quantized_attention import packed_scores, packed_weighted_sum
 
-N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_SIZE = 9, 3, 64, 64  # SmolLM2-135M
-SHAPES = {"SmolLM2-135M": (9, 3, 64), "Llama-3.1-8B": (32, 8, 128)}
+SHAPES = {"SmolLM2-135M": (9, 3, 64), "Llama-3.1-8B": (32, 8, 128)}  # query heads, KV heads, dim
+N_Q_HEADS, N_KV_HEADS, HEAD_DIM = SHAPES["SmolLM2-135M"]  # the model that runs here
+GROUP_SIZE = 64
 CACHES = {"full": ("full", {}), "quantized 8-bit": ("quantized", {"kv_bits": 8}),
           "quantized 4-bit": ("quantized", {"kv_bits": 4})}
-
-
-def timed(fn, repeats):
-    for _ in range(5):
-        mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def primitives(arrays) -> int:

@@ -230,6 +230,11 @@ def main():
         (RESULTS / "fidelity.md").write_text(fidelity_tables(fidelity) + "\n")
         readme = replace_section(readme, "fidelity", fidelity_tables(fidelity)
                                  + "\n\n![trade-off](benchmarks/results/tradeoff.png)")
+    quantized_fidelity = load("fidelity_quantized")
+    if quantized_fidelity:
+        table = fidelity_tables(quantized_fidelity)
+        (RESULTS / "fidelity_quantized.md").write_text(table + "\n")
+        readme = replace_section(readme, "fidelity_quantized", table)
     streaming = [r for r in (load("streaming_past_context_cache"),
                              load("streaming_past_context_original")) if r]
     if streaming:

@@ -15,27 +15,14 @@ Writes benchmarks/results/sparse_attention_<backend>.{json,md}.
 
 import argparse
 import os
-import statistics
-import time
 
 import mlx.core as mx
-from common import device_label, write_result
+from common import device_label, timed, write_result
 from mlx_lm.models.cache import RotatingKVCache
 
 from mlx_kvcache import attention, kernels
 
 N_Q_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128
-
-
-def timed(fn, repeats):
-    for _ in range(3):
-        mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def gather_reference(q, k, v, indices, scale):

@@ -43,7 +43,8 @@ class MixedCache:
         "help": "mixed: what keeps a token at high precision: H2O's accumulated attention, "
                 "or RefreshKV's selection by the current query"})
     refresh_every: int = field(default=10, metadata={
-        "help": "refreshkv --refresh stride, mixed --importance refreshkv: steps between refreshes"})
+        "help": "refreshkv --refresh stride, mixed --importance refreshkv: "
+                "steps between refreshes"})
 
     def __post_init__(self):
         if self.high_bits not in (16, 8):

@@ -47,7 +47,8 @@ class RefreshKVCache:
     refresh: str = field(default="query", metadata={
         "choices": ["query", "stride"], "help": "refreshkv: when to refresh the selection"})
     refresh_every: int = field(default=10, metadata={
-        "help": "refreshkv --refresh stride, mixed --importance refreshkv: steps between refreshes"})
+        "help": "refreshkv --refresh stride, mixed --importance refreshkv: "
+                "steps between refreshes"})
     qc: int = field(default=5, metadata={
         "help": "refreshkv --refresh query: steps between query checks"})
     threshold: float = field(default=0.85, metadata={
