@@ -200,46 +200,34 @@ def plots(speed, fidelity) -> list:
     return made
 
 
+# README section <- (result file, its table, what follows the table there)
+TABLES = {
+    **{f"sparse_attention_{backend}": (f"sparse_attention_{backend}", sparse_attention_table, "")
+       for backend in ("cpu", "cuda", "metal")},
+    "speed": ("speed_cpu", speed_table, "\n\n![decode ms/token](benchmarks/results/speed.png)"),
+    "speed_quantized": ("speed_quantized_cpu", speed_table, ""),
+    "quantized_decode_cpu": ("quantized_decode_cpu", quantized_decode_table, ""),
+    "fidelity": ("fidelity", fidelity_tables, "\n\n![trade-off](benchmarks/results/tradeoff.png)"),
+    "fidelity_quantized": ("fidelity_quantized", fidelity_tables, ""),
+}
+
+
 def main():
-    speed = load("speed_cpu")
-    fidelity = load("fidelity")
     readme = README.read_text()
     table = RESULTS / "cpu_setup.md"
     if table.exists():
         readme = replace_section(readme, "cpu_setup", table.read_text().strip())
-    for backend in ("cpu", "cuda", "metal"):
-        result = load(f"sparse_attention_{backend}")
-        if result and "provenance" in result:
-            table = sparse_attention_table(result)
-            (RESULTS / f"sparse_attention_{backend}.md").write_text(table + "\n")
-            readme = replace_section(readme, f"sparse_attention_{backend}", table)
-    if speed:
-        (RESULTS / "speed_cpu.md").write_text(speed_table(speed) + "\n")
-        readme = replace_section(readme, "speed", speed_table(speed)
-                                 + "\n\n![decode ms/token](benchmarks/results/speed.png)")
-    quantized = load("speed_quantized_cpu")
-    if quantized:
-        (RESULTS / "speed_quantized_cpu.md").write_text(speed_table(quantized) + "\n")
-        readme = replace_section(readme, "speed_quantized", speed_table(quantized))
-    breakdown = load("quantized_decode_cpu")
-    if breakdown:
-        table = quantized_decode_table(breakdown)
-        (RESULTS / "quantized_decode_cpu.md").write_text(table + "\n")
-        readme = replace_section(readme, "quantized_decode_cpu", table)
-    if fidelity:
-        (RESULTS / "fidelity.md").write_text(fidelity_tables(fidelity) + "\n")
-        readme = replace_section(readme, "fidelity", fidelity_tables(fidelity)
-                                 + "\n\n![trade-off](benchmarks/results/tradeoff.png)")
-    quantized_fidelity = load("fidelity_quantized")
-    if quantized_fidelity:
-        table = fidelity_tables(quantized_fidelity)
-        (RESULTS / "fidelity_quantized.md").write_text(table + "\n")
-        readme = replace_section(readme, "fidelity_quantized", table)
+    for section, (name, render, after) in TABLES.items():
+        result = load(name)
+        if result:
+            table = render(result)
+            (RESULTS / f"{name}.md").write_text(table + "\n")
+            readme = replace_section(readme, section, table + after)
     streaming = [r for r in (load("streaming_past_context_cache"),
                              load("streaming_past_context_original")) if r]
     if streaming:
         readme = replace_section(readme, "streaming", streaming_table(streaming))
-    plots(speed, fidelity)
+    plots(load("speed_cpu"), load("fidelity"))
     README.write_text(readme)
 
 
