@@ -9,7 +9,7 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 
 from mlx_kvcache import kernels
-from mlx_kvcache.quantized_attention import packed_scores
+from mlx_kvcache.quantized_attention import grouped_queries, packed_scores
 
 
 def dense(
@@ -133,9 +133,11 @@ def refresh_scores(queries: mx.array, keys, n_keys: int, scale: float, pool_kern
         n_kv_heads = keys.shape[1]
         probs = scores(queries, keys[:, :, :n_keys], scale)
     else:
-        B, n_q_heads, L, D = queries.shape
+        B, n_q_heads, L, _ = queries.shape
         n_kv_heads = keys[0].shape[1]
-        q = (queries * scale).reshape(B, n_kv_heads, n_q_heads // n_kv_heads * L, D)
-        logits = packed_scores(q, tuple(a[:, :, :n_keys] for a in keys), *quantization)
+        # The whole packed buffers, cut after scoring, as a quantized decode
+        # step reads them: slicing them first would copy them.
+        logits = packed_scores(grouped_queries(queries, scale, n_kv_heads), keys,
+                               *quantization)[..., :n_keys]
         probs = mx.softmax(logits.reshape(B, n_q_heads, L, -1), axis=-1, precise=True)
     return group_max(pool_max(probs.sum(axis=2), pool_kernel), n_kv_heads)

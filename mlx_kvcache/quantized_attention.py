@@ -58,7 +58,7 @@ def decode_attention(queries: mx.array, scale: float, n_kv_heads: int,
     """One query per head over several segments of one sequence, with a single
     softmax over all of them (no online merge needed for one row)."""
     B, n_q_heads, L, D = queries.shape
-    q = (queries * scale).reshape(B, n_kv_heads, n_q_heads // n_kv_heads * L, D)
+    q = grouped_queries(queries, scale, n_kv_heads)
     parts = [segment(q) for segment in segments]
     logits = mx.concatenate([part_logits for part_logits, _ in parts], axis=-1)
     probs = mx.softmax(logits, axis=-1, precise=True).astype(q.dtype)
@@ -69,6 +69,13 @@ def decode_attention(queries: mx.array, scale: float, n_kv_heads: int,
         out = weighted if out is None else out + weighted
         start += n
     return out.reshape(B, n_q_heads, L, D)
+
+
+def grouped_queries(queries: mx.array, scale: float, n_kv_heads: int) -> mx.array:
+    """Scaled queries [B, Hq, L, D] -> [B, Hkv, Hq/Hkv * L, D]: each KV head's
+    query rows together, so one product scores them all."""
+    B, n_q_heads, L, D = queries.shape
+    return (queries * scale).reshape(B, n_kv_heads, n_q_heads // n_kv_heads * L, D)
 
 
 def exact_segment(keys: mx.array, values: mx.array) -> Segment:
