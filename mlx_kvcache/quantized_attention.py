@@ -242,16 +242,16 @@ def blocked_attention(queries: mx.array, blocks, n_keys: int, scale: float,
 def _blocked_pass(queries, blocks, first_position: int, scale: float, causal: bool):
     B, n_q_heads, L, D = queries.shape
     out_dtype = queries.dtype
-    m = acc = total = None
+    q = m = acc = total = None
     for start, keys, values in blocks:
-        n_kv_heads = keys.shape[1]
-        groups = n_q_heads // n_kv_heads
-        q = (queries * scale).reshape(B, n_kv_heads, groups * L, D).astype(mx.float32)
+        if q is None:  # the KV heads are known once the first block is
+            q = grouped_queries(queries, scale, keys.shape[1]).astype(mx.float32)
+            # Each query row's position: rows go head by head of the GQA group.
+            q_pos = (first_position + mx.arange(q.shape[2]) % L)[:, None]
         s = q @ keys.astype(mx.float32).swapaxes(-1, -2)
         if causal and L > 1:
-            q_pos = mx.broadcast_to(first_position + mx.arange(L)[None], (groups, L))
             k_pos = start + mx.arange(keys.shape[2])[None]
-            s = mx.where(k_pos <= q_pos.reshape(groups * L, 1), s, -mx.inf)
+            s = mx.where(k_pos <= q_pos, s, -mx.inf)
         block_max = s.max(axis=-1, keepdims=True)
         m_new = block_max if m is None else mx.maximum(m, block_max)
         p = mx.exp(s - m_new)
