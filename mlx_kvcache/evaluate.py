@@ -4,6 +4,8 @@ Three tasks, each run for several policies on the same windows in one process:
 - ppl: perplexity of the last `score_last` tokens of each `context`-token window,
   the prompt prefilled and the scored tokens fed ONE AT A TIME, so decode-time
   policy behaviour (partial steps, refreshes, evictions) is what is measured;
+  with `--prompt-tokens 64` the prompt is short and the context grows from 64
+  tokens while it is scored, the regime of a chat (per `--block` of tokens);
 - needle: a passkey sentence at each depth of a real-text haystack, the model
   asked for it, exact match;
 - longform: a greedy continuation under the policy against the one under
@@ -30,26 +32,21 @@ PREFILL_STEP = 2048
 
 @dataclass
 class PolicySpec:
-    """A policy and the arguments it was given (the budget resolved per window)."""
+    """A policy and the arguments it was given. A ratio budget is resolved by
+    the policy itself against the context as it grows, the same rule for every
+    policy, so policies compared side by side hold the same budget."""
 
     name: str
     args: Dict[str, object] = field(default_factory=dict)
 
-    def resolved(self, prompt_tokens: int) -> dict:
-        args = dict(self.args)
-        ratio = args.pop("budget_ratio", None)
-        # A ratio becomes tokens of this window's prompt for every policy, so
-        # policies compared side by side hold the same budget.
-        if ratio is not None:
-            args["budget"] = max(1, math.ceil(ratio * prompt_tokens))
-        return args
-
     def cache(self, model, prompt_tokens: int):
-        return make_cache(model, self.name, **self.resolved(prompt_tokens))
+        # prompt_tokens sizes the fixed caches of mlx-lm compared beside ours
+        # (benchmarks/fidelity.py); our policies need no help.
+        return make_cache(model, self.name, **self.args)
 
-    def check(self, prompt_tokens: int) -> None:
+    def check(self) -> None:
         """Raise UserError now for settings that would fail mid-run."""
-        POLICIES[self.name](**self.resolved(prompt_tokens))
+        POLICIES[self.name](**self.args)
 
     def label(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.args.items())
@@ -84,20 +81,27 @@ def prefill(model, cache, tokens: List[int]) -> None:
         mx.eval([c.state for c in cache])
 
 
-def window_nll(model, spec: PolicySpec, window: List[int], score_last: int):
+def window_nll(model, spec: PolicySpec, window: List[int], score_last: int,
+               block: Optional[int] = None):
     """(mean negative log-likelihood of the window's last `score_last` tokens,
+    the same per consecutive `block` of them (all of them if None),
     milliseconds per scored token)."""
     prompt = window[:-score_last]
     cache = spec.cache(model, len(prompt))
     prefill(model, cache, prompt)
-    total = mx.array(0.0)
+    block = block or score_last
+    total, per_block, block_sum = 0.0, [], mx.array(0.0)
     start = time.perf_counter()
-    for i in range(len(prompt) - 1, len(window) - 1):
+    for n, i in enumerate(range(len(prompt) - 1, len(window) - 1), start=1):
         logits = model(mx.array([[window[i]]]), cache=cache)[0, -1].astype(mx.float32)
-        total = total + mx.logsumexp(logits) - logits[window[i + 1]]
-        mx.eval(total)
+        block_sum = block_sum + mx.logsumexp(logits) - logits[window[i + 1]]
+        mx.eval(block_sum)
+        if n % block == 0 or n == score_last:
+            per_block.append(block_sum.item() / (n - block * len(per_block)))
+            total += block_sum.item()
+            block_sum = mx.array(0.0)
     decode_ms = (time.perf_counter() - start) / score_last * 1e3
-    return total.item() / score_last, decode_ms
+    return total / score_last, per_block, decode_ms
 
 
 def greedy(model, cache, prompt: List[int], max_tokens: int, stop=()) -> List[int]:
@@ -169,15 +173,16 @@ def run_task(task: str, model, tokenizer, specs: List[PolicySpec], args, log) ->
         metric = "accuracy"
     else:
         tokens = tokenizer.encode(read_text(args.text_file), add_special_tokens=False)
-        cut = windows(tokens, args.context, args.windows)
+        cut = windows(tokens[getattr(args, "start", 0):], args.context, args.windows)
         for w, window in enumerate(cut):
             reference = None
             for spec, result in zip(specs, results):
                 start = time.perf_counter()
                 if task == "ppl":
-                    nll, decode_ms = window_nll(model, spec, window, args.score_last)
+                    nll, per_block, decode_ms = window_nll(
+                        model, spec, window, args.score_last, getattr(args, "block", None))
                     entry = {"window": w, "nll": nll, "ppl": math.exp(nll),
-                             "decode_ms_per_token": decode_ms}
+                             "block_nll": per_block, "decode_ms_per_token": decode_ms}
                 else:
                     prompt = window
                     out = greedy(model, spec.cache(model, len(prompt)), prompt, args.max_tokens)
@@ -198,6 +203,8 @@ def run_task(task: str, model, tokenizer, specs: List[PolicySpec], args, log) ->
             per = result["per_window"]
             if task == "ppl":
                 result["ppl"] = math.exp(sum(p["nll"] for p in per) / len(per))
+                result["block_ppl"] = [math.exp(sum(b) / len(b))
+                                       for b in zip(*(p["block_nll"] for p in per))]
                 result["decode_ms_per_token"] = sum(
                     p["decode_ms_per_token"] for p in per) / len(per)
             else:
@@ -209,8 +216,11 @@ def run_task(task: str, model, tokenizer, specs: List[PolicySpec], args, log) ->
     for result in results:
         result["ratio_to_full"] = (result[metric] / full[metric]
                                    if full and full[metric] else None)
-    return {"task": task, "model": model.source, "context": args.context,
-            "metric": metric, "results": results}
+    report = {"task": task, "model": model.source, "context": args.context,
+              "metric": metric, "results": results}
+    if task == "ppl":
+        report.update(score_last=args.score_last, block=getattr(args, "block", None))
+    return report
 
 
 def setup_arg_parser():
@@ -224,7 +234,17 @@ def setup_arg_parser():
     parser.add_argument("--haystack-file", default=None, help="needle: the filler text")
     parser.add_argument("--context", type=number(int, 16), default=2048,
                         help="tokens per window (prompt + scored tokens)")
-    parser.add_argument("--score-last", type=number(int, 1), default=256)
+    parser.add_argument("--score-last", type=number(int, 1), default=None,
+                        help="ppl: tokens scored at the end of each window (default 256)")
+    parser.add_argument("--start", type=number(int, 0), default=0,
+                        help="ppl, longform: skip this many tokens of the text first "
+                        "(a manual's table of contents)")
+    parser.add_argument("--prompt-tokens", type=number(int, 1), default=None,
+                        help="ppl: prefill this many tokens and score all the rest: the "
+                        "context grows while it is scored, as in a chat")
+    parser.add_argument("--block", type=number(int, 1), default=None,
+                        help="ppl: also report the perplexity of each block of this many "
+                        "scored tokens")
     parser.add_argument("--windows", type=number(int, 1), default=4,
                         help="windows per text (needle: trials per depth)")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
@@ -239,17 +259,12 @@ def specs_from_args(args) -> List[PolicySpec]:
     names = [n.strip() for n in args.policy.split(",") if n.strip()]
     flags = {name: getattr(args, name) for cls in POLICIES.values()
              for name in parameters(cls) if getattr(args, name, None) is not None}
-    ratio = flags.get("budget_ratio")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise UserError(f"--budget-ratio must be in (0, 1], got {ratio}")
     specs = []
     for name in names:
         if name not in POLICIES:
             raise UserError(f"unknown policy {name!r} (available: {', '.join(sorted(POLICIES))})")
         accepted = parameters(POLICIES[name])
-        given = {k: v for k, v in flags.items()
-                 if k in accepted or (k == "budget_ratio" and "budget" in accepted)}
-        specs.append(PolicySpec(name, given))
+        specs.append(PolicySpec(name, {k: v for k, v in flags.items() if k in accepted}))
     unused = set(flags) - {k for s in specs for k in s.args}
     if unused:
         raise UserError(f"{', '.join('--' + u.replace('_', '-') for u in sorted(unused))} "
@@ -264,6 +279,14 @@ def main(argv=None) -> int:
             raise UserError(f"--task {args.task} needs --text-file")
         if args.task == "needle" and not args.haystack_file:
             raise UserError("--task needle needs --haystack-file")
+        if args.prompt_tokens is not None:
+            if args.score_last is not None:
+                raise UserError("give --score-last or --prompt-tokens, not both")
+            if args.prompt_tokens >= args.context:
+                raise UserError("--prompt-tokens must be smaller than --context")
+            args.score_last = args.context - args.prompt_tokens
+        elif args.score_last is None:
+            args.score_last = 256
         if args.task == "ppl" and args.score_last >= args.context:
             raise UserError("--score-last must be smaller than --context")
         try:
@@ -272,7 +295,7 @@ def main(argv=None) -> int:
             raise UserError(f"--depths: comma-separated fractions, got {args.depths!r}") from None
         specs = specs_from_args(args)
         for spec in specs:
-            spec.check(args.context - (args.score_last if args.task == "ppl" else 0))
+            spec.check()
         from mlx_kvcache.loading import load
 
         model, tokenizer = load(args.model)
@@ -284,8 +307,11 @@ def main(argv=None) -> int:
         for result in report["results"]:
             value = result[report["metric"]]
             ratio = result["ratio_to_full"]
+            blocks = result.get("block_ppl", [])
             print(f"{result['label']}: {report['metric']} {value:.4f}"
-                  + (f" ({ratio:.3f}x full)" if ratio else ""))
+                  + (f" ({ratio:.3f}x full)" if ratio else "")
+                  + (" | per block " + " ".join(f"{b:.2f}" for b in blocks)
+                     if len(blocks) > 1 else ""))
         if args.json:
             write_json_atomic(args.json, report)
     except UserError as e:

@@ -1,4 +1,4 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import mlx.core as mx
@@ -6,7 +6,7 @@ import mlx.core as mx
 from mlx_kvcache.attention import dense, scores
 from mlx_kvcache.quantized_kv import ExactRows
 
-from .budget import check_budget, resolve_budget
+from .budget import budget_field, budget_ratio_field, budget_rule, min_budget_field
 from .protocol import rotate
 from .registry import register
 
@@ -22,22 +22,24 @@ class H2OCache:
     plus the `budget/2` most recent, evicting one token per step once full.
 
     The prompt is prefilled with full attention (scores accumulate); the cut to
-    the budget happens at the first single-token step. Each step computes the
+    the budget happens at every single-token step, the budget resolved for the
+    context then (a ratio of it, never below the floor). Each step computes the
     score rows besides the attention output, so H2O is slower than full
     attention (the RefreshKV paper measured 0.70x on Llama-3.1-8B).
     """
 
     name: ClassVar[str] = "h2o"
-    budget: Optional[int] = field(default=None, metadata={"parse": int})
-    budget_ratio: Optional[float] = field(default=None, metadata={"parse": float})
+    budget: Optional[int] = budget_field()
+    budget_ratio: Optional[float] = budget_ratio_field()
+    min_budget: Optional[int] = min_budget_field()
 
     def __post_init__(self):
-        check_budget(self.name, self.budget, self.budget_ratio)
+        self.budget_rule = budget_rule(self.name, self.budget, self.budget_ratio,
+                                       self.min_budget)
         self.codec = ExactRows()  # `mixed` keeps its important rows 8-bit
         self.keys = self.values = None
         self.accumulated = None  # [B, Hkv, n] float32
         self.kept_positions = None  # [B, Hkv, n] int32: evictions differ per head
-        self.capacity = None  # tokens kept, fixed at the first cut
         self.keep_recent = True  # half the capacity always the newest tokens
         self.offset = 0
         self.dtype = None
@@ -95,13 +97,12 @@ class H2OCache:
     def cut(self):
         """Evict down to the budget; return the evicted (keys, values) as
         stored, or None."""
-        if self.capacity is None:
-            self.capacity = resolve_budget(self.budget, self.budget_ratio, self.offset)
+        capacity = self.budget_rule.at(self.offset)
         n = self.kept_positions.shape[2]
-        excess = n - self.capacity
+        excess = n - capacity
         if excess <= 0:
             return None
-        recent = self.capacity - self.capacity // 2 if self.keep_recent else 0
+        recent = capacity - capacity // 2 if self.keep_recent else 0
         # The `recent` newest positions are never candidates.
         candidates = mx.where(self.kept_positions < self.offset - recent, self.accumulated, mx.inf)
         order = mx.argsort(-candidates, axis=-1)

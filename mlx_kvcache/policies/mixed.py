@@ -10,6 +10,7 @@ from mlx_kvcache.quantized_attention import (blocked_attention, buffer_segment, 
                                              exact_segment)
 from mlx_kvcache.quantized_kv import QuantizedKV, QuantizedRows, check_quantization
 
+from .budget import budget_field, budget_ratio_field, budget_rule, min_budget_field
 from .h2o import H2OCache
 from .registry import register
 
@@ -32,8 +33,9 @@ class MixedCache:
     """
 
     name: ClassVar[str] = "mixed"
-    budget: Optional[int] = field(default=None, metadata={"parse": int})
-    budget_ratio: Optional[float] = field(default=None, metadata={"parse": float})
+    budget: Optional[int] = budget_field()
+    budget_ratio: Optional[float] = budget_ratio_field()
+    min_budget: Optional[int] = min_budget_field()
     high_bits: int = field(default=16, metadata={
         "choices": [16, 8], "help": "mixed: precision of the important tokens"})
     kv_bits: int = 4
@@ -47,6 +49,8 @@ class MixedCache:
                 "steps between refreshes"})
 
     def __post_init__(self):
+        # Validated here so that errors name `mixed`, not the H2O inside it.
+        budget_rule(self.name, self.budget, self.budget_ratio, self.min_budget)
         if self.high_bits not in (16, 8):
             raise UserError(f"mixed: --high-bits is 16 or 8, got {self.high_bits}")
         if self.kv_bits not in (2, 3, 4):
@@ -56,7 +60,8 @@ class MixedCache:
             raise UserError(f"mixed: --importance is h2o or refreshkv, got {self.importance!r}")
         if self.refresh_every < 1:
             raise UserError("mixed: --refresh-every must be >= 1")
-        self.important = H2OCache(budget=self.budget, budget_ratio=self.budget_ratio)
+        self.important = H2OCache(budget=self.budget, budget_ratio=self.budget_ratio,
+                                  min_budget=self.min_budget)
         if self.importance == "refreshkv":
             # The set is the top `budget` by the last refresh's scores, new
             # tokens included until the next refresh judges them.
@@ -88,12 +93,9 @@ class MixedCache:
             self.important.accumulate(queries, keys, scale)
         else:
             self._refresh_scores(queries, keys, scale)
-        if queries.shape[2] > 1:
-            # Demote right after each prompt chunk, not at the first decode step
-            # as H2O cuts: else every layer holds its whole prompt exact until
-            # then and the prefill peaks above the full cache's. The budget
-            # follows the prompt until decoding starts.
-            self.important.capacity = None
+        # Demote right after each prompt chunk too, not only at decode steps as
+        # H2O cuts: else every layer holds its whole prompt exact until then and
+        # the prefill peaks above the full cache's.
         dropped = self.important.cut()
         if dropped is not None:
             codec = self.important.codec

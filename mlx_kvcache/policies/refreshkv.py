@@ -8,13 +8,11 @@ from mlx_kvcache.errors import UserError
 from mlx_kvcache.quantized_attention import attend_quantized
 from mlx_kvcache.quantized_kv import QuantizedKV, check_quantization
 
-from .budget import check_budget, resolve_budget
+from .budget import budget_field, budget_ratio_field, budget_rule, min_budget_field
 from .full import FullCache
 from .protocol import rotate
 from .registry import register
 from .selection import top_scored
-
-DEFAULT_BUDGET_RATIO = 1 / 8
 
 
 @register
@@ -26,7 +24,9 @@ class RefreshKVCache:
 
     Prefill uses full attention. At the first single-token step (the last prompt
     token) the query's attention row over all tokens, max-pooled and reduced
-    over each GQA group by max, picks `budget` tokens per KV head. Partial
+    over each GQA group by max, picks the budget's tokens per KV head (a ratio
+    of the context now, never below the floor, resolved at every step: while
+    the context fits the floor every token is selected). Partial
     steps attend only to them (sparse attention); each new token joins the set
     and the lowest-scored selected token leaves. Full steps score the whole
     cache with the current query and rebuild the set: `refresh_mode="full"`
@@ -42,8 +42,9 @@ class RefreshKVCache:
     """
 
     name: ClassVar[str] = "refreshkv"
-    budget: Optional[int] = field(default=None, metadata={"parse": int})
-    budget_ratio: Optional[float] = field(default=None, metadata={"parse": float})
+    budget: Optional[int] = budget_field()
+    budget_ratio: Optional[float] = budget_ratio_field()
+    min_budget: Optional[int] = min_budget_field()
     refresh: str = field(default="query", metadata={
         "choices": ["query", "stride"], "help": "refreshkv: when to refresh the selection"})
     refresh_every: int = field(default=10, metadata={
@@ -67,7 +68,8 @@ class RefreshKVCache:
     kv_group_size: int = 64
 
     def __post_init__(self):
-        check_budget(self.name, self.budget, self.budget_ratio, DEFAULT_BUDGET_RATIO)
+        self.budget_rule = budget_rule(self.name, self.budget, self.budget_ratio,
+                                       self.min_budget)
         if self.refresh_every < 1 or self.qc < 1 or self.pool_kernel < 1:
             raise UserError("refreshkv: --refresh-every, --qc and --pool-kernel must be >= 1")
         if not -1 <= self.threshold <= 1:
@@ -85,7 +87,6 @@ class RefreshKVCache:
         self.partial_keys = self.partial_values = None  # quantized full cache only
         self.retained = None  # [B, Hkv, k] token indices into the full cache
         self.retained_scores = None  # [B, Hkv, k] float32; new tokens get +inf
-        self.capacity = None  # k, fixed at the first selection
         self.refreshed_query = None  # [B, D] the schedule compares against it
         self.steps_since_refresh = 0
         self.full_steps = 0
@@ -146,15 +147,12 @@ class RefreshKVCache:
 
     def _full_step(self, queries, keys, values, scale, schedule_query):
         n = self.offset
-        if self.capacity is None:
-            self.capacity = resolve_budget(
-                self.budget, self.budget_ratio, n, DEFAULT_BUDGET_RATIO)
         storage = self.full_cache
         quantization = (storage.bits, storage.group_size) if self.quantized else None
         # The whole buffer, not the valid slice: the fused kernel reads it in place.
         per_head = refresh_scores(queries, storage.keys, n, scale, self.pool_kernel, quantization)
         self.retained, self.retained_scores = top_scored(
-            per_head, min(self.capacity, n), sinks=self.sinks, recent=self.recent)
+            per_head, min(self.budget_rule.at(n), n), sinks=self.sinks, recent=self.recent)
         if self.quantized:
             self.partial_keys, self.partial_values = self.full_cache.gather(self.retained)
         self.refreshed_query = schedule_query.mean(axis=(1, 2)).astype(mx.float32)
@@ -166,11 +164,12 @@ class RefreshKVCache:
 
     def _admit_newest(self, position: int, new_keys, new_values):
         """The new token joins the retained set: appended while the set is
-        under budget, else in place of the lowest-scored selected token."""
+        under the budget (which grows with the context), else in place of the
+        lowest-scored selected token."""
         B, H, k = self.retained.shape
         newest = mx.full((B, H, 1), position, dtype=self.retained.dtype)
         top = mx.full((B, H, 1), mx.inf, dtype=mx.float32)
-        if k < self.capacity:
+        if k < self.budget_rule.at(self.offset):
             self.retained = mx.concatenate([self.retained, newest], axis=-1)
             self.retained_scores = mx.concatenate([self.retained_scores, top], axis=-1)
             if self.quantized:

@@ -6,7 +6,7 @@ import mlx.core as mx
 from mlx_kvcache.attention import dense, gather_rows, scores
 from mlx_kvcache.errors import UserError
 
-from .budget import check_budget, resolve_budget
+from .budget import budget_field, budget_ratio_field, budget_rule, min_budget_field
 from .full import FullCache
 from .protocol import rotate
 from .registry import register
@@ -16,34 +16,39 @@ from .selection import select
 @register
 @dataclass(eq=False)
 class SnapKVCache:
-    """SnapKV (arXiv 2404.14469): once the prompt is in, keep per layer and KV
+    """SnapKV (arXiv 2404.14469): once a prompt is in, keep per layer and KV
     head the tokens the last `window` prompt queries attend to most (summed,
     max-pooled, GQA groups reduced by max), plus the window itself. Generated
     tokens are appended and never evicted.
 
-    The prompt is prefilled with full attention; the cut happens at the first
-    single-token step, which in the generation loop is the last prompt token,
-    so the window is the prompt's real last queries.
+    A prompt is prefilled with full attention; the cut happens at the first
+    single-token step after it, which in the generation loop is the prompt's
+    last token, so the window is the prompt's real last queries. Each new
+    prompt (a chat turn) is cut again, to the budget of the context then (a
+    ratio of it, never below the floor: a context within the floor is kept
+    whole).
     """
 
     name: ClassVar[str] = "snapkv"
-    budget: Optional[int] = field(default=None, metadata={"parse": int})
-    budget_ratio: Optional[float] = field(default=None, metadata={
-        "parse": float, "help": "budget as a fraction of the prompt length"})
+    budget: Optional[int] = budget_field()
+    budget_ratio: Optional[float] = budget_ratio_field()
+    min_budget: Optional[int] = min_budget_field()
     window: int = field(default=32, metadata={
         "help": "snapkv: prompt queries that vote (observation window)"})
     pool_kernel: int = field(default=7, metadata={
         "help": "max-pool kernel over token scores (snapkv, refreshkv)"})
 
     def __post_init__(self):
-        check_budget(self.name, self.budget, self.budget_ratio)
+        self.budget_rule = budget_rule(self.name, self.budget, self.budget_ratio,
+                                       self.min_budget)
         if self.window < 1 or self.pool_kernel < 1:
             raise UserError("snapkv: --window and --pool-kernel must be >= 1")
-        if self.budget is not None and self.budget <= self.window:
-            raise UserError(f"snapkv: --budget ({self.budget}) must exceed --window ({self.window})")
+        if self.budget_rule.least <= self.window:
+            flag = "--budget" if self.budget is not None else "--min-budget"
+            raise UserError(f"snapkv: {flag} ({self.budget_rule.least}) must exceed "
+                            f"--window ({self.window})")
         self.storage = FullCache()  # rows kept, in cache order
-        self.window_queries = None
-        self.compressed = False
+        self.window_queries = None  # the last queries of the prompt being read
         self.offset = 0
 
     def attend(self, queries, keys, values, *, rope, scale, mask):
@@ -51,7 +56,8 @@ class SnapKVCache:
         keys, values = self.storage.append(rotate(rope, keys, self.offset), values)
         self.offset += queries.shape[2]
         out = dense(queries, keys, values, scale=scale, mask=mask)
-        if not self.compressed:
+        reading_prompt = queries.shape[2] > 1 or self.window_queries is not None
+        if reading_prompt:
             recent = queries if self.window_queries is None else mx.concatenate(
                 [self.window_queries, queries], axis=2)
             self.window_queries = recent[:, :, -self.window :]
@@ -60,18 +66,17 @@ class SnapKVCache:
         return out
 
     def _compress(self, keys, values, scale):
+        """Cut the kept rows (in time order, per head) to the budget."""
         n = keys.shape[2]
-        k = resolve_budget(self.budget, self.budget_ratio, n)
-        self.compressed = True
+        k = self.budget_rule.at(self.offset)
         window_queries, self.window_queries = self.window_queries, None
         w = window_queries.shape[2]
         if k >= n:
             return
-        if k <= w:
-            raise UserError(f"snapkv: budget {k} for a {n}-token prompt must exceed --window {w}")
         prefix = n - w
-        q_pos = mx.arange(prefix, n)[:, None]
-        probs = scores(window_queries, keys, scale, mask=mx.arange(n)[None] <= q_pos)
+        # Rows are in time order, so row i is causally before row j when i < j.
+        q_rows = mx.arange(prefix, n)[:, None]
+        probs = scores(window_queries, keys, scale, mask=mx.arange(n)[None] <= q_rows)
         chosen, _ = select(probs[..., :prefix], keys.shape[1], k - w,
                            pool_kernel=self.pool_kernel)
         B, H = chosen.shape[:2]
