@@ -2,7 +2,9 @@
 Debian machine), and RefreshKV's trade-off curve, in one process:
 
 - ppl: perplexity of the last 256 tokens of each window, scored one token at a
-  time, for every policy at budgets L/16, L/8, L/4 (L: the window's prompt);
+  time, for every policy at budgets L/16, L/8, L/4 (L: the context so far,
+  with a floor under every such budget here, so the ratio is what is measured;
+  benchmarks/growing_context.py measures the floor);
 - tradeoff: at L/8, RefreshKV over refresh settings (stride 1..20, the query
   schedule at several thresholds, full vs score-only refresh, with and without
   guaranteed sinks/recent tokens) with the other policies as points: ppl ratio
@@ -31,12 +33,23 @@ TEXTS = {
     "find": "/usr/share/info/find.info-1.gz",
 }
 OTHERS = ["streaming", "snapkv", "h2o", "refreshkv"]
+
+
+# Under the smallest ratio budget measured (1K/8 in --quick, 4K/16), above
+# SnapKV's window and the sinks: the default floor (256) would bind at 1K.
+FLOOR = 64
+
+
+def at(ratio, name, **kw) -> PolicySpec:
+    """`name` at `ratio` of the context, with a floor that does not bind."""
+    return PolicySpec(name, {"budget_ratio": ratio, "min_budget": FLOOR, **kw})
+
+
 QUANTIZED = [
     PolicySpec("quantized", {"kv_bits": 8}), PolicySpec("quantized", {"kv_bits": 4}),
     PolicySpec("kivi", {"kv_bits": 4}), PolicySpec("kivi", {"kv_bits": 2}),
-    PolicySpec("mixed", {"budget_ratio": 1 / 8, "kv_bits": 4}),
-    PolicySpec("mixed", {"budget_ratio": 1 / 8, "kv_bits": 4, "importance": "refreshkv"}),
-    PolicySpec("refreshkv", {"budget_ratio": 1 / 8, "full_cache_bits": 4}),
+    at(1 / 8, "mixed", kv_bits=4), at(1 / 8, "mixed", kv_bits=4, importance="refreshkv"),
+    at(1 / 8, "refreshkv", full_cache_bits=4),
 ]
 
 
@@ -55,7 +68,7 @@ class MlxLmSpec:
 
 def tradeoff_specs(ratio, quick):
     def refresh(**kw):
-        return PolicySpec("refreshkv", {"budget_ratio": ratio, **kw})
+        return at(ratio, "refreshkv", **kw)
 
     strides = (1, 5) if quick else (1, 2, 5, 10, 20)
     specs = [refresh(refresh="stride", refresh_every=s) for s in strides]
@@ -65,7 +78,7 @@ def tradeoff_specs(ratio, quick):
               for t in ((0.9,) if quick else (0.8, 0.9, 0.95))]
     if not quick:
         specs += [refresh(refresh="stride", refresh_every=5, sinks=4, recent=128)]
-    specs += [PolicySpec(name, {"budget_ratio": ratio}) for name in ("streaming", "snapkv", "h2o")]
+    specs += [at(ratio, name) for name in ("streaming", "snapkv", "h2o")]
     return specs
 
 
@@ -113,8 +126,7 @@ def main():
         ns = SimpleNamespace(text_file=path, context=1024 if quick else 4096,
                              score_last=128 if quick else 256,
                              windows=1 if quick else 8)
-        specs = [PolicySpec("full")] + [PolicySpec(n, {"budget_ratio": r})
-                                        for r in ratios for n in OTHERS]
+        specs = [PolicySpec("full")] + [at(r, n) for r in ratios for n in OTHERS]
         if text_name == "coreutils":
             specs += [s for s in tradeoff_specs(1 / 8, quick) if s not in specs] + QUANTIZED
             result = ppl_beside_mlx_lm(model, tokenizer, specs, MLX_LM_CACHES, ns, log)
@@ -127,7 +139,7 @@ def main():
     ns = SimpleNamespace(haystack_file=TEXTS["gettext"], context=1024 if quick else 4096,
                          depths=[0.1, 0.9] if quick else [0.1, 0.3, 0.5, 0.7, 0.9],
                          windows=1 if quick else 4, seed=0)
-    specs = [PolicySpec("full")] + [PolicySpec(n, {"budget_ratio": 1 / 8}) for n in OTHERS]
+    specs = [PolicySpec("full")] + [at(1 / 8, n) for n in OTHERS]
     report["tasks"].append(dict(run_task("needle", model, tokenizer, specs, ns, log),
                                 text="gettext"))
     write_result("fidelity", report)

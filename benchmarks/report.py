@@ -1,6 +1,6 @@
 """Tables (markdown) and plots (PNG) from benchmarks/results/*.json, and the
-README's results section between its markers, so the README quotes exactly
-what the scripts measured.
+results sections between their markers in the README and docs/*.md, so the
+pages quote exactly what the scripts measured.
 
     python benchmarks/report.py
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
+DOCS = Path(__file__).parent.parent / "docs"
 
 
 def replace_section(readme: str, name: str, body: str) -> str:
@@ -104,7 +105,8 @@ def quantized_decode_table(result) -> str:
 
 
 def label(result) -> str:
-    return result["label"].replace("budget_ratio=0.0625", "L/16").replace(
+    return re.sub(r", min_budget=\d+", "", result["label"]).replace(
+        "budget_ratio=0.0625", "L/16").replace(
         "budget_ratio=0.125", "L/8").replace("budget_ratio=0.25", "L/4")
 
 
@@ -159,6 +161,68 @@ def streaming_table(runs) -> str:
     return "\n".join(lines)
 
 
+def growing_label(result) -> str:
+    args = dict(result["args"])
+    if "budget" in args:
+        return f"{result['policy']}, the old default: {args['budget']} tokens (1/8 of the prompt), fixed"
+    args.pop("budget_ratio", None)
+    args.pop("min_budget", None)
+    extra = ", ".join(f"{k}={v}" for k, v in args.items())
+    return f"{result['policy']}" + (f" ({extra})" if extra else "")
+
+
+def growing_table(runs) -> str:
+    """One row per setting, one column pair per text: perplexity of the whole
+    continuation (ratio to full) and the worst 256-token block's ratio."""
+    first = runs[0]
+    lines = [f"SmolLM2-135M: a {first['prompt_tokens']}-token prompt, then the next "
+             f"{first['score_last']} tokens of the text scored one at a time (the context "
+             f"grows from {first['prompt_tokens']} to {first['context']} tokens); budget "
+             f"{first['ratio']:g} of the context so far, never below the floor; one window "
+             f"per text, {first['start']} tokens in. Worst block: the highest ratio to full "
+             f"over the continuation's blocks of {first['block']} tokens. {where(first)}", "",
+             "| policy | floor | " + " | ".join(
+                 f"{r['text']} ppl (vs full) | {r['text']} worst block" for r in runs)
+             + " |",
+             "|---|---:|" + "---:|---:|" * len(runs)]
+    for i, row in enumerate(first["results"]):
+        floor = row["args"].get("min_budget", "—")
+        cells = []
+        for run in runs:
+            r, full = run["results"][i], run["results"][0]
+            worst = max(b / f for b, f in zip(r["block_ppl"], full["block_ppl"]))
+            cells.append(f"{r['ppl']:.2f} ({r['ratio_to_full']:.3f}x) | {worst:.2f}x")
+        lines.append(f"| {growing_label(row)} | {floor} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def growing_plot(runs) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = runs[0]
+    full = run["results"][0]["block_ppl"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in run["results"][1:]:
+        if r["policy"] not in ("refreshkv", "streaming", "h2o") or "refresh" in r["args"]:
+            continue
+        ends = [run["prompt_tokens"] + run["block"] * (i + 1) for i in range(len(full))]
+        floor = r["args"].get("min_budget")
+        name = f"{r['policy']} floor {floor}" if floor is not None else growing_label(r)
+        ax.plot(ends, [b / f for b, f in zip(r["block_ppl"], full)], marker="o",
+                label=name, linestyle="--" if r["policy"] != "refreshkv" else "-")
+    ax.set_yscale("log")
+    ax.set_xlabel("context at the end of the block (tokens)")
+    ax.set_ylabel("block perplexity / full's")
+    ax.set_title(f"A short prompt whose context grows ({run['text']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "growing_context.png", dpi=120)
+    return "growing_context.png"
+
+
 def plots(speed, fidelity) -> list:
     import matplotlib
 
@@ -200,35 +264,55 @@ def plots(speed, fidelity) -> list:
     return made
 
 
-# README section <- (result file, its table, what follows the table there)
+# Section <- (result file, its table, what follows the table there)
 TABLES = {
     **{f"sparse_attention_{backend}": (f"sparse_attention_{backend}", sparse_attention_table, "")
        for backend in ("cpu", "cuda", "metal")},
-    "speed": ("speed_cpu", speed_table, "\n\n![decode ms/token](benchmarks/results/speed.png)"),
+    "speed": ("speed_cpu", speed_table, "\n\n![decode ms/token]({results}/speed.png)"),
     "speed_quantized": ("speed_quantized_cpu", speed_table, ""),
     "quantized_decode_cpu": ("quantized_decode_cpu", quantized_decode_table, ""),
-    "fidelity": ("fidelity", fidelity_tables, "\n\n![trade-off](benchmarks/results/tradeoff.png)"),
+    "fidelity": ("fidelity", fidelity_tables, "\n\n![trade-off]({results}/tradeoff.png)"),
     "fidelity_quantized": ("fidelity_quantized", fidelity_tables, ""),
 }
 
 
-def main():
-    readme = README.read_text()
+def sections() -> dict:
+    """Section name -> its text, with {results} standing for the results folder."""
+    out = {}
     table = RESULTS / "cpu_setup.md"
     if table.exists():
-        readme = replace_section(readme, "cpu_setup", table.read_text().strip())
+        out["cpu_setup"] = table.read_text().strip()
     for section, (name, render, after) in TABLES.items():
         result = load(name)
         if result:
             table = render(result)
             (RESULTS / f"{name}.md").write_text(table + "\n")
-            readme = replace_section(readme, section, table + after)
+            out[section] = table + after
     streaming = [r for r in (load("streaming_past_context_cache"),
                              load("streaming_past_context_original")) if r]
     if streaming:
-        readme = replace_section(readme, "streaming", streaming_table(streaming))
+        out["streaming"] = streaming_table(streaming)
+    growing = [load(p.stem) for p in sorted(RESULTS.glob("growing_context_*.json"))]
+    if growing:
+        table = growing_table(growing)
+        (RESULTS / "growing_context.md").write_text(table + "\n")
+        growing_plot(growing)
+        out["growing_context"] = (table + "\n\n![growing context]"
+                                  "({results}/growing_context.png)")
     plots(load("speed_cpu"), load("fidelity"))
-    README.write_text(readme)
+    return out
+
+
+def main():
+    bodies = sections()
+    # The README links the docs pages; each page holds the sections it quotes.
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        results = "benchmarks/results" if page == README else "../benchmarks/results"
+        text = original = page.read_text()
+        for name, body in bodies.items():
+            text = replace_section(text, name, body.replace("{results}", results))
+        if text != original:
+            page.write_text(text)
 
 
 if __name__ == "__main__":

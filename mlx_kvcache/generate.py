@@ -245,6 +245,10 @@ def _resolve_mlx_lm_flags(args) -> None:
                         f"--policy {args.policy} (use --budget)")
     if args.budget is not None and args.budget != args.max_kv_size:
         raise UserError("give --max-kv-size or --budget, not both")
+    for flag in ("budget_ratio", "min_budget"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--max-kv-size is a fixed budget; it cannot go with "
+                            f"--{flag.replace('_', '-')}")
     args.policy, args.budget = "streaming", args.max_kv_size
 
 

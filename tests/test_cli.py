@@ -132,7 +132,8 @@ def manual_prompt(tmp_path_factory):
     (["--max-kv-size", "96"], lambda s: s == 96),
     (["--policy", "streaming", "--budget", "128", "--positions", "cache"], lambda s: s == 128),
     (["--policy", "snapkv", "--budget", "128", "--window", "16"], lambda s: s == 128 + 6),
-    (["--policy", "h2o", "--budget-ratio", "0.1"], lambda s: 50 < s < 200),
+    (["--policy", "h2o", "--budget-ratio", "0.1", "--min-budget", "0"], lambda s: 50 < s < 200),
+    (["--policy", "h2o"], lambda s: s == 256),  # the default floor over 1/8 of ~1K tokens
     (["--policy", "refreshkv", "--budget", "64", "--refresh", "stride",
       "--refresh-every", "2", "--refresh-mode", "score"], lambda s: s > 1000),
 ])
@@ -152,11 +153,25 @@ def test_every_policy_generates_from_the_cli(tmp_path, manual_prompt, args, kept
         assert all(layer["full_steps"] == 4 and layer["partial_steps"] == 3 for layer in layers)
 
 
+def test_the_headline_command_on_a_short_prompt_writes_what_full_writes():
+    # The design card's command with its defaults: a 38-token prompt sits
+    # under the floor, so RefreshKV attends to everything, as full does.
+    prompt = ["--prompt", "Write a short poem about the sea.", "--max-tokens", "60"]
+    full = run_cli("--policy", "full", *prompt)
+    refreshkv = run_cli("--policy", "refreshkv", *prompt)
+    assert full.returncode == 0 and refreshkv.returncode == 0, refreshkv.stderr
+    assert refreshkv.stdout == full.stdout and len(full.stdout.split()) > 20
+
+
 @pytest.mark.parametrize("args, fragment", [
-    (["--policy", "snapkv"], "snapkv needs --budget"),
+    (["--policy", "snapkv", "--min-budget", "16"],
+     "snapkv: --min-budget (16) must exceed --window (32)"),
+    (["--policy", "streaming", "--budget", "8", "--min-budget", "4"], "--min-budget is the floor"),
+    (["--policy", "mixed", "--budget", "0"], "mixed: --budget must be >= 1"),
+    (["--max-kv-size", "64", "--min-budget", "32"], "--max-kv-size is a fixed budget"),
     (["--policy", "full", "--budget", "8"], "--budget does not apply to --policy full"),
     (["--policy", "h2o", "--max-kv-size", "8"], "--max-kv-size means --policy streaming"),
-    (["--policy", "streaming", "--budget-ratio", "0.5"], "--budget-ratio does not apply"),
+    (["--policy", "full", "--budget-ratio", "0.5"], "--budget-ratio does not apply"),
     (["--policy", "refreshkv", "--threshold", "3"], "--threshold"),
     (["--policy", "refreshkv", "--refresh", "sometimes"], "invalid choice"),
     (["--policy", "mixed", "--budget", "8", "--importance", "luck"], "invalid choice"),

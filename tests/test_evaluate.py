@@ -57,12 +57,31 @@ def test_ppl_compares_policies_on_the_same_windows(tmp_path, capsys, tiny_gguf):
     code, out, err = evaluate(
         capsys, "--task", "ppl", "--model", tiny_gguf, "--text-file", TEXT,
         "--context", "160", "--score-last", "32", "--windows", "1",
-        "--policy", "full,streaming,snapkv", "--budget-ratio", "0.25", "--window", "8",
-        "--json", str(out_json))
+        "--policy", "full,streaming,snapkv", "--budget-ratio", "0.25", "--min-budget", "16",
+        "--window", "8", "--json", str(out_json))
     assert code == 0, err
     full, streaming, snapkv = json.loads(out_json.read_text())["results"]
-    assert streaming["args"] == {"budget_ratio": 0.25}
+    assert streaming["args"] == {"budget_ratio": 0.25, "min_budget": 16}
     assert streaming["ppl"] != full["ppl"] and snapkv["ppl"] != full["ppl"]
+
+
+def test_ppl_with_a_short_prompt_scores_a_growing_context(tmp_path, capsys, tiny_gguf):
+    out_json = tmp_path / "grow.json"
+    code, out, err = evaluate(
+        capsys, "--task", "ppl", "--model", tiny_gguf, "--text-file", TEXT,
+        "--context", "160", "--prompt-tokens", "16", "--block", "48", "--start", "500",
+        "--windows", "1", "--policy", "full,refreshkv,h2o", "--min-budget", "64",
+        "--json", str(out_json))
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    assert report["score_last"] == 144 and report["block"] == 48
+    full, refresh, h2o = report["results"]
+    assert len(full["block_ppl"]) == 3 and "per block" in out
+    # The first block is read with at most 64 tokens of context (the floor):
+    # exactly full attention; past it the budget (64, then 1/8) bites.
+    for result in (refresh, h2o):
+        assert result["block_ppl"][0] == full["block_ppl"][0]
+        assert result["block_ppl"][1:] != full["block_ppl"][1:]
 
 
 def test_longform_and_needle(tmp_path, capsys, tiny_gguf):
@@ -108,6 +127,12 @@ def test_needle_prompt_places_the_key_at_depth(smollm2):
     (["--task", "ppl", "--text-file", TEXT, "--context", "100", "--score-last", "100"],
      "--score-last"),
     (["--task", "needle", "--haystack-file", TEXT, "--depths", "a,b"], "--depths"),
+    (["--task", "ppl", "--text-file", TEXT, "--context", "100", "--prompt-tokens", "100"],
+     "--prompt-tokens must be smaller"),
+    (["--task", "ppl", "--text-file", TEXT, "--score-last", "9", "--prompt-tokens", "9"],
+     "not both"),
+    (["--task", "ppl", "--text-file", TEXT, "--policy", "snapkv", "--min-budget", "8"],
+     "snapkv: --min-budget (8) must exceed --window (32)"),
 ])
 def test_bad_input_is_one_line(capsys, tiny_gguf, argv, fragment):
     code, _, err = evaluate(capsys, "--model", tiny_gguf, *argv)

@@ -6,6 +6,7 @@ import pytest
 
 from mlx_kvcache import UserError, make_cache
 from mlx_kvcache.attention import group_max, pool_max
+from mlx_kvcache.generate import encode_prompt, generate_step
 from mlx_kvcache.policies.selection import protect, select, top_k
 from tests.helpers import TINY_CONFIGS, tiny_model
 
@@ -164,14 +165,18 @@ def test_refreshkv_partial_steps_attend_only_to_the_retained_set():
 
 
 @pytest.mark.parametrize("policy, args, message", [
-    ("streaming", {}, "streaming needs --budget"),
     ("streaming", {"budget": 4, "sinks": 4}, "--sinks"),
+    ("streaming", {"min_budget": 4, "sinks": 4}, r"\[0, --min-budget\)"),
     ("streaming", {"budget": 8, "positions": "slot"}, "--positions"),
-    ("streaming", {"budget_ratio": 0.5}, "takes"),
-    ("snapkv", {}, "needs --budget"),
+    ("streaming", {"budget": 8, "min_budget": 100}, "--min-budget is the floor"),
     ("snapkv", {"budget": 10, "budget_ratio": 0.1}, "not both"),
-    ("snapkv", {"budget": 16, "window": 32}, "must exceed --window"),
+    ("snapkv", {"budget": 16, "window": 32}, "--budget .16. must exceed --window"),
+    ("snapkv", {"min_budget": 16, "window": 32}, "--min-budget .16. must exceed --window"),
     ("h2o", {"budget": 0}, "--budget must be >= 1"),
+    ("h2o", {"min_budget": -1}, "--min-budget must be >= 0"),
+    # mixed holds an H2O inside: the error still names the policy asked for.
+    ("mixed", {"budget": 0}, "^mixed: --budget must be >= 1"),
+    ("mixed", {"budget_ratio": 0.0}, "^mixed: --budget-ratio"),
     ("refreshkv", {"budget_ratio": 1.5}, "--budget-ratio"),
     ("refreshkv", {"refresh_every": 0}, ">= 1"),
     ("refreshkv", {"threshold": 2.0}, "--threshold"),
@@ -192,3 +197,104 @@ def test_policies_report_real_bytes():
     _, streaming = run_logits(model, "streaming", prompt, 4, budget=16)
     assert full[0].nbytes == 256 * row  # one 256-token block
     assert streaming[0].nbytes == 16 * row + 16 * 4  # rows + int32 positions
+
+
+# Every budgeted policy as a user gets it from `--policy NAME` alone (mixed's
+# quantization groups sized to the tiny model's head dim, 32).
+MIXED = {"kv_group_size": 32}
+DEFAULTS = [
+    ("streaming", {}), ("snapkv", {}), ("h2o", {}), ("refreshkv", {}),
+    ("refreshkv", {"refresh": "stride"}), ("mixed", MIXED),
+    ("mixed", {"importance": "refreshkv", **MIXED}),
+]
+
+
+@pytest.mark.parametrize("policy, args", DEFAULTS, ids=lambda x: str(x))
+def test_defaults_under_the_floor_are_full_attention_bit_for_bit(policy, args):
+    # 70 prompt tokens + 24 steps: under the default floor (256 tokens).
+    model = tiny_model("llama3")
+    prompt = [(7 * i + 3) % 256 for i in range(70)]
+    expected, _ = run_logits(model, "full", prompt, 24)
+    got, _ = run_logits(model, policy, prompt, 24, **args)
+    assert mx.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("policy, args", [d for d in DEFAULTS if d[0] != "snapkv"],
+                         ids=lambda x: str(x))
+def test_a_ratio_budget_is_exact_up_to_its_floor_and_compresses_past_it(policy, args):
+    model = tiny_model("llama3")
+    prompt = [(7 * i + 3) % 256 for i in range(30)]
+    forced = [(11 * i + 5) % 256 for i in range(40)]
+    expected, _ = run_logits(model, "full", prompt, 40, forced=forced)
+    got, _ = run_logits(model, policy, prompt, 40, forced=forced,
+                        budget_ratio=0.25, min_budget=40, **args)
+    # Row p holds the logits after position p, with p + 1 tokens of context.
+    assert mx.array_equal(got[:, :40], expected[:, :40])
+    assert not mx.array_equal(got[:, 40:], expected[:, 40:])
+
+
+def held(layer) -> int:
+    """What a budgeted policy holds to attend to at full precision."""
+    stats = layer.stats()
+    for key in ("retained_tokens", "high_precision_tokens"):
+        if key in stats:
+            return stats[key]
+    return stats["kept_tokens"]
+
+
+@pytest.mark.parametrize("policy, args", DEFAULTS, ids=lambda x: str(x))
+def test_the_budget_grows_with_the_context(policy, args):
+    # A 38-token prompt, then 1,000 tokens: the ratio (1/8) is of the context
+    # now, never below the floor (here 32 tokens), never of the prompt alone.
+    model = tiny_model("llama3", layers=1)
+    window = {"window": 8} if policy == "snapkv" else {}  # under the floor
+    cache = make_cache(model, policy, min_budget=32, **window, **args)
+    prompt = [(7 * i + 3) % 256 for i in range(38)]
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    tokens = prompt[-1:] + [(13 * i + 40) % 256 for i in range(1000)]
+    for context, token in enumerate(tokens, start=len(prompt)):
+        mx.eval(model(mx.array([[token]]), cache=cache))
+        if policy == "snapkv":
+            # Cut once at the prompt's end, to 32 (the floor over 38/8), then
+            # the generated tokens are appended and never evicted.
+            expected = 32 + context - len(prompt)
+        else:
+            expected = min(context, max(32, -(-context // 8)))
+        assert held(cache[0]) == expected, context
+    assert held(cache[0]) == (32 + 1000 if policy == "snapkv" else 130)
+
+
+def test_snapkv_cuts_each_new_prompt_to_the_budget_of_the_context_then():
+    # A chat: each turn's prompt ends in a cut, to 1/8 of the context so far.
+    model = tiny_model("qwen3")
+    cache = make_cache(model, "snapkv", min_budget=40, window=8)
+    for turn in range(3):
+        prompt = [(11 * i + 5 * turn) % 256 for i in range(300)]
+        model(mx.array(prompt[:-1])[None], cache=cache)
+        for token in prompt[-1:] + [1, 2, 3]:
+            mx.eval(model(mx.array([[token]]), cache=cache))
+    # Cut to max(40, ceil(context / 8)) at each turn's last prompt token.
+    assert cache[0].offset == 3 * 303
+    assert cache[0].storage.offset == -(-(2 * 303 + 300) // 8) + 3
+
+
+def test_refreshkv_on_a_short_chat_prompt_grows_its_retained_set(smollm2):
+    # The issue's prompt through SmolLM2's chat template (38 tokens), then
+    # 1,000 generated tokens. The old default resolved 1/8 of the prompt once:
+    # 5 tokens for the whole run. Now every token is retained up to the floor
+    # (64 here), then 1/8 of the context so far.
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    prompt = encode_prompt(tokenizer, tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True))
+    assert len(prompt) == 38
+    cache = make_cache(model, "refreshkv", min_budget=64)
+    greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
+    seen = []
+    for _, _ in zip(range(1000), generate_step(prompt, model, cache, greedy)):
+        context = cache[0].offset
+        retained = {layer.stats()["retained_tokens"] for layer in cache}
+        assert retained == {min(context, max(64, -(-context // 8)))}, context
+        seen.append(retained.pop())
+    assert seen[0] == 38 + 1 and seen[-1] == -(-cache[0].offset // 8) > 128
+    assert all(a <= b for a, b in zip(seen, seen[1:]))
