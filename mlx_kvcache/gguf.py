@@ -1,9 +1,12 @@
 """GGUF files: check the header, then weights, config and tokenizer from the file.
 
-`mx.load` reads the tensors (Q4_0, Q4_1 and Q8_0 arrive as MLX affine-quantized
-weight/scales/biases with group size 32) and the metadata. It is not told about
-files it cannot read, so the header is walked here first: a truncated or corrupt
-file, or a quant type MLX cannot load, gets a clear error instead of a crash.
+`mx.load` reads files whose tensors are all F32, F16, Q4_0, Q4_1 or Q8_0 (the
+quantized ones arrive as MLX affine-quantized weight/scales/biases with group
+size 32). Files with any other supported type (K-quants, Q5_0/Q5_1, BF16: most
+GGUFs people have, Q4_K_M above all) go through llama.cpp's `gguf` package
+(gguf_package.py). Neither reader is told about files it cannot read, so the
+header is walked here first: a truncated or corrupt file, or a type nobody here
+reads (IQ types...), gets a clear error naming the tensor instead of a crash.
 """
 
 import os
@@ -29,7 +32,9 @@ GGML_TYPES = {
     25: ("I16", 2, 1), 26: ("I32", 4, 1), 27: ("I64", 8, 1), 28: ("F64", 8, 1),
     29: ("IQ1_M", 56, 256), 30: ("BF16", 2, 1),
 }
-SUPPORTED_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+MLX_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+PACKAGE_TYPES = {"BF16", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+SUPPORTED_TYPES = MLX_TYPES | PACKAGE_TYPES
 
 # GGUF metadata value type id -> struct format of one element (8 = string, 9 = array).
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -72,8 +77,9 @@ class _Reader:
             raise ValueError("metadata runs past the end of the file")
 
 
-def check_file(path: Path) -> None:
-    """Raise UserError unless `path` is a complete GGUF file of supported types."""
+def check_file(path: Path) -> set:
+    """The tensor types of `path`; UserError unless it is a complete GGUF file
+    of supported types."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         # The header (metadata + tensor infos) sits before the data; for the
@@ -95,7 +101,7 @@ def check_file(path: Path) -> None:
                 alignment = r.unpack("<I")
             else:
                 r.skip_value(vtype)
-        end = 0
+        end, types = 0, set()
         for _ in range(n_tensors):
             name = r.string()
             dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
@@ -108,6 +114,7 @@ def check_file(path: Path) -> None:
                     f"{path}: tensor {name!r} is {type_name}, a GGUF quant type this "
                     f"package cannot load (supported: {', '.join(sorted(SUPPORTED_TYPES))})"
                 )
+            types.add(type_name)
             n = 1
             for d in dims:
                 n *= d
@@ -120,6 +127,7 @@ def check_file(path: Path) -> None:
             f"{path}: truncated GGUF file ({size} bytes, its tensors need "
             f"{data_start + end})"
         )
+    return types
 
 
 # GGUF tensor name -> Hugging Face name (the ports use HF names).
@@ -194,10 +202,15 @@ def _quantization(weights: dict) -> Dict[str, dict]:
     return quant
 
 
-def read(path: Path) -> Tuple[dict, dict, Dict[str, dict], dict]:
-    """(config, weights with HF names, quantization per module, metadata)."""
-    check_file(path)
-    gguf_weights, metadata = mx.load(str(path), return_metadata=True)
+def read(path: Path, keep_quantized: bool = True) -> Tuple[dict, dict, Dict[str, dict], dict]:
+    """(config, weights with HF names, quantization per module, metadata).
+    Types MLX cannot read are dequantized, then re-quantized if `keep_quantized`."""
+    if check_file(path) <= MLX_TYPES:
+        gguf_weights, metadata = mx.load(str(path), return_metadata=True)
+    else:
+        from mlx_kvcache import gguf_package
+
+        gguf_weights, metadata = gguf_package.read(path, keep_quantized)
     weights = {}
     for name, array in gguf_weights.items():
         hf_name = name

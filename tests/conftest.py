@@ -1,6 +1,7 @@
 import pytest
 
-from mlx_kvcache.loading import load, packaged_gguf
+from mlx_kvcache.loading import load
+from mlx_kvcache.packaged_models import packaged_gguf
 
 
 @pytest.fixture(scope="session")

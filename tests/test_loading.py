@@ -12,7 +12,8 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from mlx_kvcache import UserError, load, make_cache
 from mlx_kvcache.gguf_tokenizer import load_tokenizer
-from mlx_kvcache.loading import packaged_gguf, resolve
+from mlx_kvcache.loading import resolve
+from mlx_kvcache.packaged_models import packaged_gguf
 from tests.helpers import TINY_CONFIGS, tiny_model, write_gguf
 
 PROMPT = "Long documents make the KV cache the largest thing in memory."

@@ -14,6 +14,10 @@ from .protocol import rotate
 from .registry import register
 from .selection import top_scored
 
+# The score of a token admitted between refreshes: the largest float32, above
+# any attention probability, below the +inf of tokens a refresh guarantees.
+NEW_TOKEN = float(mx.finfo(mx.float32).max)
+
 
 @register
 @dataclass(eq=False)
@@ -60,7 +64,11 @@ class RefreshKVCache:
     query: str = field(default="pre-rope", metadata={
         "choices": ["pre-rope", "post-rope"], "help": "refreshkv: query compared by the schedule"})
     pool_kernel: int = 7
-    sinks: int = field(default=0)
+    # Not in the paper: measured here, a layer whose query schedule rarely
+    # refreshes lives on its sliding window of new tokens, and without the
+    # first tokens (StreamingLLM's attention sinks) that window degrades
+    # (growing-context table).
+    sinks: int = field(default=4)
     recent: int = field(default=0, metadata={
         "help": "refreshkv: newest tokens always selected at a refresh"})
     full_cache_bits: Optional[int] = field(default=None, metadata={
@@ -86,7 +94,7 @@ class RefreshKVCache:
         self.offset = 0
         self.partial_keys = self.partial_values = None  # quantized full cache only
         self.retained = None  # [B, Hkv, k] token indices into the full cache
-        self.retained_scores = None  # [B, Hkv, k] float32; new tokens get +inf
+        self.retained_scores = None  # [B, Hkv, k] float32; new tokens get NEW_TOKEN
         self.refreshed_query = None  # [B, D] the schedule compares against it
         self.steps_since_refresh = 0
         self.full_steps = 0
@@ -165,20 +173,30 @@ class RefreshKVCache:
     def _admit_newest(self, position: int, new_keys, new_values):
         """The new token joins the retained set: appended while the set is
         under the budget (which grows with the context), else in place of the
-        lowest-scored selected token."""
+        lowest-scored selected token, the oldest of them on a tie.
+
+        A new token is scored NEW_TOKEN until the next refresh judges it:
+        above every attention score, below the +inf of the guaranteed sinks.
+        So between refreshes the set loses its scored tokens first, then its
+        oldest new ones (a sliding window), never its sinks. (Breaking ties
+        by slot instead, once every slot held a new token the same slot was
+        overwritten at every step: the set froze, all but the newest token.)"""
         B, H, k = self.retained.shape
         newest = mx.full((B, H, 1), position, dtype=self.retained.dtype)
-        top = mx.full((B, H, 1), mx.inf, dtype=mx.float32)
+        score = mx.full((B, H, 1), NEW_TOKEN, dtype=mx.float32)
         if k < self.budget_rule.at(self.offset):
             self.retained = mx.concatenate([self.retained, newest], axis=-1)
-            self.retained_scores = mx.concatenate([self.retained_scores, top], axis=-1)
+            self.retained_scores = mx.concatenate([self.retained_scores, score], axis=-1)
             if self.quantized:
                 self.partial_keys = mx.concatenate([self.partial_keys, new_keys], axis=2)
                 self.partial_values = mx.concatenate([self.partial_values, new_values], axis=2)
             return
-        victim = mx.argmin(self.retained_scores, axis=-1, keepdims=True)
+        lowest = self.retained_scores.min(axis=-1, keepdims=True)
+        later = mx.array(position, dtype=self.retained.dtype)
+        victim = mx.argmin(mx.where(self.retained_scores == lowest, self.retained, later),
+                           axis=-1, keepdims=True)
         self.retained = mx.put_along_axis(self.retained, victim, newest, axis=-1)
-        self.retained_scores = mx.put_along_axis(self.retained_scores, victim, top, axis=-1)
+        self.retained_scores = mx.put_along_axis(self.retained_scores, victim, score, axis=-1)
         if self.quantized:
             rows = victim[..., None]
             self.partial_keys = mx.put_along_axis(self.partial_keys, rows, new_keys, axis=2)

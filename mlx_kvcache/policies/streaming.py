@@ -35,7 +35,7 @@ class StreamingCache:
     budget_ratio: Optional[float] = budget_ratio_field()
     min_budget: Optional[int] = min_budget_field()
     sinks: int = field(default=4, metadata={
-        "help": "first tokens always kept (streaming: 4; refreshkv: 0)"})
+        "help": "first tokens always kept (streaming) or selected (refreshkv); 4"})
     positions: str = field(default="original", metadata={
         "choices": ["original", "cache"],
         "help": "streaming: RoPE by original position, or by slot in the cache"})

