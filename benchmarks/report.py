@@ -164,7 +164,8 @@ def streaming_table(runs) -> str:
 def growing_label(result) -> str:
     args = dict(result["args"])
     if "budget" in args:
-        return f"{result['policy']}, the old default: {args['budget']} tokens (1/8 of the prompt), fixed"
+        return (f"{result['policy']}, {args['budget']} tokens fixed (what 1/8 of the "
+                f"prompt resolved to before)")
     args.pop("budget_ratio", None)
     args.pop("min_budget", None)
     extra = ", ".join(f"{k}={v}" for k, v in args.items())
@@ -172,58 +173,52 @@ def growing_label(result) -> str:
 
 
 def growing_table(runs) -> str:
-    """One row per setting, one column pair per text: perplexity of the whole
-    continuation (ratio to full) and the worst 256-token block's ratio."""
+    """One row per setting (the swept text has more), one column pair per
+    text: perplexity of the whole continuation (ratio to full) and the worst
+    256-token block's ratio to full's same block."""
     first = runs[0]
     lines = [f"SmolLM2-135M: a {first['prompt_tokens']}-token prompt, then the next "
              f"{first['score_last']} tokens of the text scored one at a time (the context "
              f"grows from {first['prompt_tokens']} to {first['context']} tokens); budget "
-             f"{first['ratio']:g} of the context so far, never below the floor; one window "
-             f"per text, {first['start']} tokens in. Worst block: the highest ratio to full "
-             f"over the continuation's blocks of {first['block']} tokens. {where(first)}", "",
+             f"{first['ratio']:g} of the context so far, never below the floor (default "
+             f"{first['default_min_budget']}); one window per text, {first['start']} tokens "
+             f"in. Worst block: the highest ratio to full over the continuation's blocks of "
+             f"{first['block']} tokens. {where(first)}", "",
              "| policy | floor | " + " | ".join(
-                 f"{r['text']} ppl (vs full) | {r['text']} worst block" for r in runs)
-             + " |",
+                 f"{r['text']} ppl (vs full) | {r['text']} worst block" for r in runs) + " |",
              "|---|---:|" + "---:|---:|" * len(runs)]
-    for i, row in enumerate(first["results"]):
-        floor = row["args"].get("min_budget", "—")
-        cells = []
+    labels = list(dict.fromkeys(r["label"] for run in runs for r in run["results"]))
+    rows = sorted(labels, key=lambda label: next(
+        (r["policy"] != "full", r["policy"] != "refreshkv", r["policy"],
+         r["args"].get("min_budget", -1), len(r["args"]))
+        for run in runs for r in run["results"] if r["label"] == label))
+    for label in rows:
+        cells, row = [], None
         for run in runs:
-            r, full = run["results"][i], run["results"][0]
-            worst = max(b / f for b, f in zip(r["block_ppl"], full["block_ppl"]))
-            cells.append(f"{r['ppl']:.2f} ({r['ratio_to_full']:.3f}x) | {worst:.2f}x")
+            found = [r for r in run["results"] if r["label"] == label]
+            if not found:
+                cells.append("— | —")
+                continue
+            row, full = found[0], run["results"][0]
+            worst = max(b / f for b, f in zip(row["block_ppl"], full["block_ppl"]))
+            cells.append(f"{row['ppl']:.2f} ({row['ratio_to_full']:.3f}x) | {worst:.2f}x")
+        floor = row["args"].get("min_budget", "—")
         lines.append(f"| {growing_label(row)} | {floor} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def growing_plot(runs) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run = runs[0]
-    full = run["results"][0]["block_ppl"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in run["results"][1:]:
-        if r["policy"] not in ("refreshkv", "streaming", "h2o") or "refresh" in r["args"]:
-            continue
-        ends = [run["prompt_tokens"] + run["block"] * (i + 1) for i in range(len(full))]
-        floor = r["args"].get("min_budget")
-        name = f"{r['policy']} floor {floor}" if floor is not None else growing_label(r)
-        ax.plot(ends, [b / f for b, f in zip(r["block_ppl"], full)], marker="o",
-                label=name, linestyle="--" if r["policy"] != "refreshkv" else "-")
-    ax.set_yscale("log")
-    ax.set_xlabel("context at the end of the block (tokens)")
-    ax.set_ylabel("block perplexity / full's")
-    ax.set_title(f"A short prompt whose context grows ({run['text']})")
-    ax.legend(fontsize=7)
+def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "growing_context.png", dpi=120)
-    return "growing_context.png"
+    fig.savefig(RESULTS / name, dpi=120)
+    return name
 
 
-def plots(speed, fidelity) -> list:
+def plots(speed, fidelity, growing) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,13 +232,9 @@ def plots(speed, fidelity) -> list:
             rows = [r for r in speed["rows"] if r["cache"] == cache]
             ax.plot([r["context"] for r in rows], [r["decode_ms_per_token"] for r in rows],
                     marker="o", label=cache)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode ms/token")
-        ax.set_title(f"SmolLM2-135M decode, {speed['provenance']['device']}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(RESULTS / "speed.png", dpi=120)
-        made.append("speed.png")
+        made.append(save_plot(fig, ax, "speed.png", xlabel="context (tokens)",
+                              ylabel="decode ms/token",
+                              title=f"SmolLM2-135M decode, {speed['provenance']['device']}"))
     if fidelity:
         ppl = next(t for t in fidelity["tasks"] if t["task"] == "ppl")
         fig, ax = plt.subplots(figsize=(8, 5))
@@ -255,12 +246,28 @@ def plots(speed, fidelity) -> list:
             ax.scatter(r["decode_ms_per_token"], r["ratio_to_full"], color=color)
             ax.annotate(label(r).replace("refreshkv", "R").replace(", L/8", ""),
                         (r["decode_ms_per_token"], r["ratio_to_full"]), fontsize=6)
-        ax.set_xlabel("decode ms/token (measured on the scored tokens)")
-        ax.set_ylabel("perplexity / full")
-        ax.set_title("RefreshKV settings (blue) vs other policies (red), budget L/8")
-        fig.tight_layout()
-        fig.savefig(RESULTS / "tradeoff.png", dpi=120)
-        made.append("tradeoff.png")
+        made.append(save_plot(
+            fig, ax, "tradeoff.png", xlabel="decode ms/token (measured on the scored tokens)",
+            ylabel="perplexity / full", legend=False,
+            title="RefreshKV settings (blue) vs other policies (red), budget L/8"))
+    if growing:
+        # The swept text: every floor of RefreshKV and streaming, and H2O.
+        run = next((r for r in growing if r.get("swept")), growing[0])
+        full = run["results"][0]["block_ppl"]
+        ends = [run["prompt_tokens"] + run["block"] * (i + 1) for i in range(len(full))]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in run["results"][1:]:
+            if r["policy"] not in ("refreshkv", "streaming", "h2o") or "refresh" in r["args"]:
+                continue
+            floor = r["args"].get("min_budget")
+            name = f"{r['policy']} floor {floor}" if floor is not None else growing_label(r)
+            ax.plot(ends, [b / f for b, f in zip(r["block_ppl"], full)], marker="o",
+                    label=name, linestyle="-" if r["policy"] == "refreshkv" else "--")
+        ax.set_yscale("log")
+        made.append(save_plot(fig, ax, "growing_context.png",
+                              xlabel="context at the end of the block (tokens)",
+                              ylabel="block perplexity / full's",
+                              title=f"A short prompt whose context grows ({run['text']})"))
     return made
 
 
@@ -296,10 +303,9 @@ def sections() -> dict:
     if growing:
         table = growing_table(growing)
         (RESULTS / "growing_context.md").write_text(table + "\n")
-        growing_plot(growing)
         out["growing_context"] = (table + "\n\n![growing context]"
                                   "({results}/growing_context.png)")
-    plots(load("speed_cpu"), load("fidelity"))
+    plots(load("speed_cpu"), load("fidelity"), growing)
     return out
 
 

@@ -9,14 +9,13 @@ every registered policy saves and restores without code of its own.
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_kvcache.errors import UserError
+from mlx_kvcache.files import replaced_atomically
 from mlx_kvcache.policies import policy_class
 
 FORMAT = "mlx_kvcache.cache/1"
@@ -75,16 +74,11 @@ def save_cache(path, cache: list, model) -> None:
     directory = path.resolve().parent
     if not directory.is_dir():
         raise UserError(f"cannot write {path}: no directory {directory}")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
     try:
-        mx.save_safetensors(tmp, arrays, metadata={"mlx_kvcache": json.dumps(header)})
-        os.replace(tmp, path)
+        with replaced_atomically(path, ".safetensors") as tmp:
+            mx.save_safetensors(tmp, arrays, metadata={"mlx_kvcache": json.dumps(header)})
     except OSError as e:
         raise UserError(f"cannot write {path}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_cache(path, model, policy: str = None) -> list:

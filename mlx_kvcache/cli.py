@@ -2,10 +2,9 @@
 
 import argparse
 import json
-import os
-import tempfile
 
 from mlx_kvcache.errors import UserError
+from mlx_kvcache.files import replaced_atomically
 from mlx_kvcache.policies import POLICIES, parameters
 
 
@@ -51,12 +50,9 @@ def add_policy_flags(parser):
 
 def write_json_atomic(path: str, data: dict) -> None:
     """Write JSON so that readers see the old file or the new one, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
+        with replaced_atomically(path, ".json") as tmp, open(tmp, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e}") from None

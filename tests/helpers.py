@@ -52,6 +52,24 @@ def tiny_model(name: str, seed: int = 0, layers: int = None):
     return model
 
 
+def ours_vs_mlx_lm(model, prompt, n_tokens, prefill_step_size=2048):
+    """Greedy tokens of our port with the `full` policy, and of mlx-lm's own
+    port of the same weights with its own generation loop and KVCache."""
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_kvcache import make_cache
+    from mlx_kvcache.generate import generate_step
+
+    greedy = make_sampler(0.0)
+    ours = generate_step(prompt, model, make_cache(model, "full"), greedy,
+                         prefill_step_size=prefill_step_size)
+    ours = [next(ours) for _ in range(n_tokens)]
+    theirs = mlx_lm_generate_step(mx.array(prompt), mlx_lm_twin(model), max_tokens=n_tokens,
+                                  sampler=greedy, prefill_step_size=prefill_step_size)
+    return ours, [token for token, _ in theirs]
+
+
 def mlx_lm_twin(model):
     """mlx-lm's own port of `model`'s architecture, holding the same weights."""
     model_type = {"mistral": "llama"}.get(model.model_type, model.model_type)

@@ -67,11 +67,11 @@ def bad_files(tmp_path_factory):
     data = whole.read_bytes()
     (root / "truncated.gguf").write_bytes(data[: len(data) // 2])
     (root / "corrupt.gguf").write_bytes(b"GGUF" + os.urandom(4092))
-    q4k = bytearray(data)
+    iq4 = bytearray(data)
     name = b"blk.0.attn_q.weight"
-    at = q4k.index(name) + len(name)
-    struct.pack_into("<I", q4k, at + 4 + 8 * struct.unpack_from("<I", q4k, at)[0], 12)
-    (root / "q4k.gguf").write_bytes(bytes(q4k))
+    at = iq4.index(name) + len(name)
+    struct.pack_into("<I", iq4, at + 4 + 8 * struct.unpack_from("<I", iq4, at)[0], 23)
+    (root / "iq4.gguf").write_bytes(bytes(iq4))
     write_gguf(root / "gpt2.gguf", tiny_model("qwen3"), architecture="gpt2")
     (root / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
     with open(GPL) as f:
@@ -84,7 +84,7 @@ def bad_files(tmp_path_factory):
     ("unknown alias", ["--model", "lama3"], ["unknown model 'lama3'", "llama3"]),
     ("corrupt gguf", ["--model", "{bad}/corrupt.gguf"], ["corrupt GGUF"]),
     ("truncated gguf", ["--model", "{bad}/truncated.gguf"], ["truncated GGUF"]),
-    ("unsupported quant", ["--model", "{bad}/q4k.gguf"], ["Q4_K"]),
+    ("unsupported quant", ["--model", "{bad}/iq4.gguf"], ["'blk.0.attn_q.weight' is IQ4_XS"]),
     ("unsupported arch", ["--model", "{bad}/gpt2.gguf"], ["unsupported architecture 'gpt2'"]),
     ("empty prompt", ["--prompt", "  "], ["prompt is empty"]),
     ("no prompt", [], ["no prompt"]),

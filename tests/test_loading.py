@@ -137,11 +137,12 @@ def _tensor_type_offset(data: bytes, name: str) -> int:
 
 
 def test_gguf_unsupported_quant_type_is_named(tmp_path):
-    path = write_gguf(tmp_path / "q4k.gguf", tiny_model("qwen3"))
+    # IQ4_XS (type 23): an importance-matrix type nobody here reads.
+    path = write_gguf(tmp_path / "iq4.gguf", tiny_model("qwen3"))
     data = bytearray(path.read_bytes())
-    struct.pack_into("<I", data, _tensor_type_offset(data, "blk.0.attn_q.weight"), 12)
+    struct.pack_into("<I", data, _tensor_type_offset(data, "blk.0.attn_q.weight"), 23)
     path.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="'blk.0.attn_q.weight' is Q4_K"):
+    with pytest.raises(UserError, match="'blk.0.attn_q.weight' is IQ4_XS"):
         load(str(path))
 
 

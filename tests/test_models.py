@@ -3,25 +3,10 @@ mlx-lm's own models and KVCache on the same weights."""
 
 import mlx.core as mx
 import pytest
-from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from mlx_kvcache import make_cache
-from mlx_kvcache.generate import generate_step
-from tests.helpers import TINY_CONFIGS, mlx_lm_twin, tiny_model
-
-GREEDY = make_sampler(0.0)
-
-
-def ours_vs_mlx_lm(model, prompt, n_tokens, prefill_step_size=2048):
-    ours = generate_step(prompt, model, make_cache(model, "full"), GREEDY,
-                         prefill_step_size=prefill_step_size)
-    ours = [next(ours) for _ in range(n_tokens)]
-    twin = mlx_lm_twin(model)
-    theirs = mlx_lm_generate_step(mx.array(prompt), twin, max_tokens=n_tokens,
-                                  sampler=GREEDY, prefill_step_size=prefill_step_size)
-    return ours, [token for token, _ in theirs]
+from tests.helpers import TINY_CONFIGS, mlx_lm_twin, ours_vs_mlx_lm, tiny_model
 
 
 def prefill_logits(model, prompt, cache):

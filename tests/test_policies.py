@@ -164,6 +164,20 @@ def test_refreshkv_partial_steps_attend_only_to_the_retained_set():
     assert not mx.allclose(small[:, -1], full[:, -1], atol=1e-4)
 
 
+def test_refreshkv_between_refreshes_slides_its_window_and_keeps_its_sinks():
+    # One selection at the prompt's end, then no refresh for 40 steps: the
+    # scored picks leave first, then the oldest new tokens; the sinks stay.
+    model = tiny_model("llama3")
+    prompt = [(3 * i + 1) % 256 for i in range(30)]
+    _, cache = run_logits(model, "refreshkv", prompt, 41, budget=8, sinks=4,
+                          refresh="stride", refresh_every=1000)
+    newest = cache[0].offset - 1
+    for layer in cache:
+        assert layer.stats()["full_steps"] == 1
+        for head in layer.retained[0].tolist():
+            assert sorted(head) == [0, 1, 2, 3] + list(range(newest - 3, newest + 1))
+
+
 @pytest.mark.parametrize("policy, args, message", [
     ("streaming", {"budget": 4, "sinks": 4}, "--sinks"),
     ("streaming", {"min_budget": 4, "sinks": 4}, r"\[0, --min-budget\)"),
