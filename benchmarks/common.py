@@ -59,19 +59,37 @@ def timed(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
-def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Measured read bandwidth the way a decode step reads its weights: a
-    float32 matrix-vector product over a matrix far larger than the caches."""
+def memory_bandwidth_gbs(sizes_mb=(64, 256, 1024), repeats: int = 7):
+    """(the best read bandwidth measured, GB/s; every probe's best): the
+    physical limit a decode step is held against, so it must not
+    under-measure. STREAM-style, after a warm-up run, best of `repeats`, over
+    several sizes, three ways: MLX summing an array (a pure read), numpy
+    copying one (read + write, both counted), and a float32 matrix-vector
+    product (how a decode step reads its weights, through BLAS)."""
+    import numpy as np
+
+    def best(fn, nbytes):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return nbytes / min(times) / 1e9
+
+    probes = {}
     columns = 4096
-    matrix = mx.ones((megabytes * 2**20 // (4 * columns), columns), mx.float32)
-    vector = mx.ones((columns,), mx.float32)
-    mx.eval(matrix, vector)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(matrix @ vector)
-        times.append(time.perf_counter() - start)
-    return matrix.nbytes / statistics.median(times) / 1e9
+    for mb in sizes_mb:
+        n = mb * 2**20 // 4
+        array = mx.ones((n // columns, columns), mx.float32)
+        vector = mx.ones((columns,), mx.float32)
+        mx.eval(array, vector)
+        probes[f"mlx sum {mb} MB"] = best(lambda: mx.eval(array.sum()), array.nbytes)
+        probes[f"matvec {mb} MB"] = best(lambda: mx.eval(array @ vector), array.nbytes)
+        source, target = np.ones(n, np.float32), np.empty(n, np.float32)
+        probes[f"numpy copy {mb} MB"] = best(lambda: np.copyto(target, source),
+                                             2 * source.nbytes)
+    return max(probes.values()), probes
 
 
 # Caches compared. Ours: (policy name, args) on our port; mlx-lm's: a factory of

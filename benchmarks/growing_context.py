@@ -35,22 +35,24 @@ SWEPT = "coreutils"
 
 def specs(sweep: bool, quick: bool):
     """full, then every budgeted policy at the default floor; with `sweep`,
-    also RefreshKV and streaming at other floors (0: the ratio alone) and a
-    fixed 1/8 of the prompt (what the old default resolved to)."""
+    RefreshKV's other floors (0: the ratio alone) right after its default, and
+    later streaming's, and a fixed 1/8 of the prompt (what the old default
+    resolved to). SnapKV comes last: a 64-token prompt is under any floor it
+    takes, so it never cuts and its logits are full's (tested bit for bit)."""
     def at(name, floor, **kw):
         return PolicySpec(name, {"budget_ratio": RATIO, "min_budget": floor, **kw})
 
     floor = 128 if quick else DEFAULT_MIN_BUDGET
-    out = [PolicySpec("full")]
+    others = [f for f in (128, 512, 0) if sweep and f != floor]
+    out = [PolicySpec("full"), at("refreshkv", floor)]
+    out += [at("refreshkv", f) for f in others]
+    out += [at(name, floor) for name in ("streaming", "h2o", "mixed")]
+    out += [at("refreshkv", floor, refresh="stride")]
     if sweep:
         out.append(PolicySpec("refreshkv", {"budget": max(1, round(RATIO * PROMPT_TOKENS))}))
-        others = (0, 128, 256, 512)
-        out += [at("refreshkv", f) for f in others if f != floor]
         # streaming's floor must exceed its 4 sinks: no floor-0 row
-        out += [at("streaming", f) for f in others if f not in (0, floor)]
-    out += [at(name, floor) for name in ("refreshkv", "streaming", "snapkv", "h2o", "mixed")]
-    out += [at("refreshkv", floor, refresh="stride")]
-    return out
+        out += [at("streaming", f) for f in others if f]
+    return out + [at("snapkv", floor)]
 
 
 def main():
@@ -59,19 +61,27 @@ def main():
     parser.add_argument("--texts", nargs="+", choices=sorted(TEXTS), default=None)
     args = parser.parse_args()
     texts = args.texts or (["coreutils"] if args.quick else sorted(TEXTS))
-    # The floors are swept on the first text; the others check the defaults.
     scored = 512 if args.quick else 2048
     model, tokenizer = load("smollm2")
     log = lambda line: print(line, flush=True)  # noqa: E731
     for text in texts:
         ns = SimpleNamespace(text_file=TEXTS[text], context=PROMPT_TOKENS + scored,
                              score_last=scored, windows=1, block=256, start=START)
+        # The floors are swept on one text; the others check the defaults.
         sweep = text == SWEPT and not args.quick
-        result = run_task("ppl", model, tokenizer, specs(sweep, args.quick), ns, log)
-        result.update(text=text, windows=1, start=START, prompt_tokens=PROMPT_TOKENS, ratio=RATIO,
-                      default_min_budget=DEFAULT_MIN_BUDGET, swept=sweep)
-        write_result(f"growing_context_{text}",
-                     {"benchmark": "growing_context", "quick": args.quick, **result})
+        results = []
+        # One setting at a time, the file rewritten after each: a long run
+        # stopped early keeps what it measured.
+        for spec in specs(sweep, args.quick):
+            report = run_task("ppl", model, tokenizer, [spec], ns, log)
+            results += report["results"]
+            for r in results:
+                r["ratio_to_full"] = r["ppl"] / results[0]["ppl"]
+            report.update(results=results, text=text, windows=1, start=START,
+                          prompt_tokens=PROMPT_TOKENS, ratio=RATIO,
+                          default_min_budget=DEFAULT_MIN_BUDGET, swept=sweep)
+            write_result(f"growing_context_{text}",
+                         {"benchmark": "growing_context", "quick": args.quick, **report})
 
 
 if __name__ == "__main__":

@@ -39,13 +39,22 @@ def where(result) -> str:
             f"commit {p['commit']}, {p['date']}{how}._")
 
 
+def probe_note(result) -> str:
+    probes = result.get("bandwidth_probes_gb_per_s")
+    if not probes:
+        return ""
+    best = max(probes, key=probes.get)
+    return (f" (the best of {len(probes)} STREAM-style probes: {best}; "
+            f"lowest {min(probes.values()):.1f} GB/s)")
+
+
 def speed_table(result) -> str:
     lines = [f"Decode and prefill on SmolLM2-135M, budget = context/8 for the budgeted "
              f"caches; median over {result['repeats']} interleaved rounds of "
              f"{result['steps_per_repeat']} tokens (range in brackets). Roofline: the bytes a "
              f"decode step must move (weights {result['weight_bytes'] / 2**20:.0f} MiB + attended "
-             f"KV) at the measured {result['bandwidth_gb_per_s']:.1f} GB/s, as a share of the "
-             f"measured step. {where(result)}", "",
+             f"KV) at the measured {result['bandwidth_gb_per_s']:.1f} GB/s{probe_note(result)}, "
+             f"as a share of the measured step. {where(result)}", "",
              "| context | cache | decode ms/token | vs full | prefill tok/s | KV held MiB | "
              "peak +MiB | roofline |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     full = {r["context"]: r["decode_ms_per_token"] for r in result["rows"] if r["cache"] == "full"}

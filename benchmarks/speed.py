@@ -5,8 +5,9 @@ interleaved and repeated so noise shows. SmolLM2 on real text (coreutils manual)
     python benchmarks/speed.py [--quick] [--contexts 1024 4096] [--caches full quantized]
 
 Writes benchmarks/results/speed_<backend>.json. Each row also carries the
-roofline: bytes a decode step must move (weights + attended KV) over the
-measured copy bandwidth, as a fraction of the measured step time.
+roofline: bytes a decode step must move (weights + attended KV) over the best
+memory bandwidth the probes measured (common.memory_bandwidth_gbs), as a
+fraction of the measured step time.
 """
 
 import argparse
@@ -72,7 +73,7 @@ def main():
     twin = mlx_lm_twin(model)
     with gzip.open(TEXT, "rt") as f:
         tokens = tokenizer.encode(f.read()[: 60 * max(contexts)], add_special_tokens=False)
-    bandwidth = memory_bandwidth_gbs()
+    bandwidth, bandwidth_probes = memory_bandwidth_gbs()
     weight_bytes = parameter_bytes(model)
     a = model.args
     row_bytes = a.num_hidden_layers * a.num_key_value_heads * (a.hidden_size // a.num_attention_heads) * 2 * 4
@@ -127,7 +128,8 @@ def main():
     write_result(args.name or f"speed_{device_label()}", {
         "benchmark": "speed", "model": model.source, "text": TEXT, "quick": args.quick,
         "repeats": repeats, "steps_per_repeat": steps, "budget": "context/8",
-        "bandwidth_gb_per_s": bandwidth, "weight_bytes": weight_bytes, "rows": rows})
+        "bandwidth_gb_per_s": bandwidth, "bandwidth_probes_gb_per_s": bandwidth_probes,
+        "weight_bytes": weight_bytes, "rows": rows})
 
 
 if __name__ == "__main__":

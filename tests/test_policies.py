@@ -6,7 +6,7 @@ import pytest
 
 from mlx_kvcache import UserError, make_cache
 from mlx_kvcache.attention import group_max, pool_max
-from mlx_kvcache.generate import encode_prompt, generate_step
+from mlx_kvcache.generate import encode_prompt, generate, generate_step
 from mlx_kvcache.policies.selection import protect, select, top_k
 from tests.helpers import TINY_CONFIGS, tiny_model
 
@@ -312,3 +312,17 @@ def test_refreshkv_on_a_short_chat_prompt_grows_its_retained_set(smollm2):
         seen.append(retained.pop())
     assert seen[0] == 38 + 1 and seen[-1] == -(-cache[0].offset // 8) > 128
     assert all(a <= b for a, b in zip(seen, seen[1:]))
+
+
+@pytest.mark.parametrize("policy, args", [
+    ("snapkv", {}), ("h2o", {}), ("mixed", {}), ("refreshkv", {"refresh": "stride"}),
+    ("streaming", {}),
+], ids=lambda x: str(x))
+def test_every_budgeted_policy_alone_writes_fulls_poem(smollm2, policy, args):
+    # The prompt, each policy with its defaults only (the CLI test
+    # runs --policy refreshkv the same way).
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    expected = generate(model, tokenizer, prompt, max_tokens=60)
+    assert generate(model, tokenizer, prompt, max_tokens=60, policy=policy, **args) == expected
