@@ -170,6 +170,25 @@ def streaming_table(runs) -> str:
     return "\n".join(lines)
 
 
+def gguf_load_table(result) -> str:
+    r = result
+    return "\n".join([
+        f"{r['model']} ({', '.join(r['tensor_types'])}) read through llama.cpp's gguf "
+        f"package; load time median of 3 warm loads. Kept quantized vs dequantized float32 "
+        f"on a {r['prompt_tokens']}-token prompt of the coreutils manual, and "
+        f"{r['greedy_tokens']} greedy tokens. {where(r)}", "",
+        "| measure | value |", "|---|---:|",
+        f"| load, dequantized to float32 (CPU default) | {r['load_s_dequantized_float32']:.1f} s |",
+        f"| load, kept quantized (`--keep-quantized`) | {r['load_s_kept_quantized']:.1f} s |",
+        f"| next-token KL divergence, mean / max | {r['mean_kl_nats']:.4f} / "
+        f"{r['max_kl_nats']:.3f} nats |",
+        f"| logit difference, mean / max | {r['mean_abs_logit_difference']:.3f} / "
+        f"{r['max_abs_logit_difference']:.2f} |",
+        f"| top-1 agreement over the prompt | {100 * r['top1_agreement']:.1f}% |",
+        f"| greedy agreement, first divergence | {100 * r['greedy_agreement']:.0f}%, "
+        f"token {r['greedy_first_divergence']} |"])
+
+
 def growing_label(result) -> str:
     args = dict(result["args"])
     if "budget" in args:
@@ -289,6 +308,7 @@ TABLES = {
     "quantized_decode_cpu": ("quantized_decode_cpu", quantized_decode_table, ""),
     "fidelity": ("fidelity", fidelity_tables, "\n\n![trade-off]({results}/tradeoff.png)"),
     "fidelity_quantized": ("fidelity_quantized", fidelity_tables, ""),
+    "gguf_load": ("gguf_load", gguf_load_table, ""),
 }
 
 

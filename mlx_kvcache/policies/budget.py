@@ -15,8 +15,8 @@ from typing import Optional
 
 from mlx_kvcache.errors import UserError
 
-# The paper's L/8 (RefreshKV, SnapKV at 32K), measured on long prompts: see the
-# README's fidelity table.
+# The papers' L/8 (RefreshKV, SnapKV at 32K), measured here on long prompts:
+# docs/benchmarks.md, fidelity tables.
 DEFAULT_BUDGET_RATIO = 1 / 8
 # Read off the growing-context table (benchmarks/growing_context.py, README
 # "Budgets that grow with the context").
