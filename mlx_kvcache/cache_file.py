@@ -18,7 +18,8 @@ from mlx_kvcache.errors import UserError
 from mlx_kvcache.files import replaced_atomically
 from mlx_kvcache.policies import policy_class
 
-FORMAT = "mlx_kvcache.cache/1"
+FORMAT = "mlx_kvcache.cache/2"  # 2: each layer names its policy
+FORMAT_1 = "mlx_kvcache.cache/1"
 
 
 def model_identity(model) -> dict:
@@ -56,18 +57,25 @@ def _restore_scalars(obj, scalars: dict) -> None:
             setattr(obj, key, value)
 
 
+def _params(layer) -> dict:
+    return {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}
+
+
 def save_cache(path, cache: list, model) -> None:
-    """Write `cache` (from make_cache) atomically: a crash leaves the old file."""
-    policy = cache[0]
+    """Write `cache` (from make_cache) atomically: a crash leaves the old file.
+    The header names the policy of the global layers; each layer also records
+    its own (a sliding-window layer's window is a streaming cache)."""
+    windows = getattr(model, "sliding_windows", None) or [None] * len(cache)
+    policy = next(layer for layer, window in zip(cache, windows) if window is None)
     arrays = {}
     layers = []
     for i, layer in enumerate(cache):
         for name, array in layer.state.items():
             arrays[f"{i}.{name}"] = array
-        layers.append(_scalars(layer))
+        layers.append({"policy": layer.name, "params": _params(layer),
+                       "scalars": _scalars(layer)})
     header = {
-        "format": FORMAT, "policy": policy.name,
-        "params": {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)},
+        "format": FORMAT, "policy": policy.name, "params": _params(policy),
         "model": model_identity(model), "layers": layers,
     }
     path = Path(path)
@@ -89,7 +97,11 @@ def load_cache(path, model, policy: str = None) -> list:
         header = json.loads(metadata["mlx_kvcache"])
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path}: not a saved mlx-kvcache cache ({e})") from None
-    if header.get("format") != FORMAT:
+    if header.get("format") == FORMAT_1:
+        # Version 1: one policy for every layer, each layer's scalars alone.
+        header["layers"] = [{"policy": header["policy"], "params": header["params"],
+                             "scalars": scalars} for scalars in header["layers"]]
+    elif header.get("format") != FORMAT:
         raise UserError(f"{path}: unknown cache format {header.get('format')!r}")
     expected = model_identity(model)
     if header["model"] != expected:
@@ -100,10 +112,10 @@ def load_cache(path, model, policy: str = None) -> list:
         )
     if policy is not None and policy != header["policy"]:
         raise UserError(f"{path} holds a {header['policy']!r} cache, not {policy!r}")
-    cls = policy_class(header["policy"])
     cache = []
-    for i, scalars in enumerate(header["layers"]):
-        layer = cls(**header["params"])
+    for i, saved in enumerate(header["layers"]):
+        layer = policy_class(saved["policy"])(**saved["params"])
+        scalars = saved["scalars"]
         prefix = f"{i}."
         state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
         if state:

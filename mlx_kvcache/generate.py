@@ -313,7 +313,16 @@ def run(args) -> None:
         f" | peak memory {response.peak_memory / 2**20:.1f} MiB",
         file=sys.stderr,
     )
-    stats["policy_stats"] = layer_stats = [layer.stats() for layer in cache]
+    windows = model.sliding_windows
+    stats["policy_stats"] = layer_stats = [
+        {"kind": args.policy if window is None else f"local window {window}", **layer.stats()}
+        for layer, window in zip(cache, windows)]
+    if any(windows):
+        local = sum(c.nbytes for c, window in zip(cache, windows) if window)
+        print(f"  kv cache: {(kv_bytes - local) / 2**20:.1f} MiB in "
+              f"{windows.count(None)} global layers ({args.policy}), "
+              f"{local / 2**20:.1f} MiB in {len(windows) - windows.count(None)} local layers "
+              "(own window)", file=sys.stderr)
     if args.verbose:
         for i, layer in enumerate(layer_stats):
             print(f"  layer {i}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float)

@@ -148,8 +148,17 @@ _RENAMES = [
     (r"^blk\.(\d+)\.ffn_down\.", r"model.layers.\1.mlp.down_proj."),
 ]
 
+# Gemma 3 has four norms per block; its ffn_norm is the norm before the MLP.
+# These are tried before the renames above.
+_GEMMA3_RENAMES = [
+    (r"^blk\.(\d+)\.post_attention_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.pre_feedforward_layernorm."),
+    (r"^blk\.(\d+)\.post_ffw_norm\.", r"model.layers.\1.post_feedforward_layernorm."),
+]
+
 # GGUF architecture -> HF model_type. llama.cpp converts Mistral to "llama".
-_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                  "gemma3": "gemma3_text"}
 
 
 def _scalar(metadata, key, default=None):
@@ -186,7 +195,27 @@ def _config(metadata: dict, weights: dict) -> dict:
         # llama.cpp permutes Llama's q/k rows for its interleaved ("normal") RoPE;
         # rotating interleaved pairs is the same model without un-permuting.
         config["rope_traditional"] = True
+    if arch == "gemma3":
+        config.update(_gemma3_config(get, config))
     return config
+
+
+def _gemma3_config(get, config: dict) -> dict:
+    """What a Gemma 3 GGUF leaves implicit, as llama.cpp fills it in: a global
+    layer every 6th, local RoPE base 10,000, queries scaled by head_dim^-0.5
+    (by (hidden/heads)^-0.5 for the 27B model, 62 layers)."""
+    extra = {
+        "sliding_window": get("attention.sliding_window", 512),
+        "sliding_window_pattern": 6,
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": (
+            config["hidden_size"] // config["num_attention_heads"]
+            if config["num_hidden_layers"] == 62 else config["head_dim"]
+        ),
+    }
+    if get("rope.scaling.type") == "linear":
+        extra["rope_scaling"] = {"type": "linear", "factor": get("rope.scaling.factor")}
+    return extra
 
 
 def _quantization(weights: dict) -> Dict[str, dict]:
@@ -211,13 +240,18 @@ def read(path: Path, keep_quantized: bool = True) -> Tuple[dict, dict, Dict[str,
         from mlx_kvcache import gguf_package
 
         gguf_weights, metadata = gguf_package.read(path, keep_quantized)
+    gemma = metadata.get("general.architecture") == "gemma3"
+    renames = _GEMMA3_RENAMES + _RENAMES if gemma else _RENAMES
     weights = {}
     for name, array in gguf_weights.items():
         hf_name = name
-        for pattern, replacement in _RENAMES:
+        for pattern, replacement in renames:
             hf_name, n = re.subn(pattern, replacement, name)
             if n:
                 break
+        if gemma and name.endswith("norm.weight"):
+            # llama.cpp stores Gemma's norms as 1 + weight; the port adds the 1.
+            array = array - 1
         weights[hf_name] = array
     return _config(metadata, weights), weights, _quantization(weights), metadata
 

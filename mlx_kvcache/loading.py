@@ -34,6 +34,9 @@ ALIASES = {
     "qwen3-4b": "mlx-community/Qwen3-4B-4bit",
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "qwen2.5-coder-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
+    "gemma3": "mlx-community/gemma-3-4b-it-4bit",
+    "gemma3-1b": "mlx-community/gemma-3-1b-it-4bit",
 }
 DEFAULT_MODEL = "smollm2"
 
@@ -106,15 +109,22 @@ def _read_directory(path: Path):
             weights.update(mx.load(f))
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{f}: unreadable safetensors file ({e})") from None
+    return config, weights
+
+
+def _directory_quantization(config: dict, weights: dict) -> dict:
+    """Module path -> quantization params, for the weights as the port names
+    them (after sanitize: a multimodal checkpoint's prefixes are gone)."""
+    q = config.get("quantization")
+    if not q:
+        return {}
+    defaults = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
     quant = {}
-    if "quantization" in config:
-        q = config["quantization"]
-        defaults = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
-        for name in weights:
-            if name.endswith(".scales"):
-                module = name[: -len(".scales")]
-                quant[module] = q[module] if isinstance(q.get(module), dict) else defaults
-    return config, weights, quant
+    for name in weights:
+        if name.endswith(".scales"):
+            module = name[: -len(".scales")]
+            quant[module] = q[module] if isinstance(q.get(module), dict) else defaults
+    return quant
 
 
 def _load_directory_tokenizer(path: Path):
@@ -145,7 +155,7 @@ def load(
 
         tokenizer = load_tokenizer(metadata)
     else:
-        config, weights, quant = _read_directory(path)
+        config, weights = _read_directory(path)
         tokenizer = None
 
     try:
@@ -154,6 +164,8 @@ def load(
         raise UserError(f"{path}: config does not describe a model we can build ({e})") from None
     gguf.apply_rope_factors(model, weights)
     weights = model.sanitize(weights)
+    if path.suffix != ".gguf":
+        quant = _directory_quantization(config, weights)
     if quant:
         nn.quantize(model, class_predicate=lambda p, m: quant.get(p, False))
     try:

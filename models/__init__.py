@@ -2,10 +2,12 @@
 
 from mlx_kvcache.errors import UserError
 
-from . import llama, qwen2, qwen3
+from . import gemma3, llama, qwen2, qwen3
 
 # config.json's model_type -> port. Mistral's dense models are Llama's graph.
 ARCHITECTURES = {
+    "gemma3": gemma3,
+    "gemma3_text": gemma3,
     "llama": llama,
     "mistral": llama,
     "qwen2": qwen2,

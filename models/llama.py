@@ -214,3 +214,8 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    @property
+    def sliding_windows(self):
+        """Per layer: its attention window, None for a global layer (all here)."""
+        return [None] * len(self.layers)

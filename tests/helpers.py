@@ -39,6 +39,15 @@ TINY_CONFIGS = {
         "max_position_embeddings": 2048, "rope_theta": 1000000.0,
         "tie_word_embeddings": True,
     },
+    # Local layers with an 8-token window, every second layer global.
+    "gemma3": {
+        "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 4,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "rms_norm_eps": 1e-6, "vocab_size": 320,
+        "max_position_embeddings": 2048, "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 32,
+        "sliding_window": 8, "sliding_window_pattern": 2,
+    },
 }
 
 
@@ -76,7 +85,8 @@ def mlx_lm_twin(model):
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
     twin = module.Model(module.ModelArgs.from_dict(config))
-    twin.load_weights(tree_flatten(model.parameters()))
+    # sanitize: mlx-lm's Gemma 3 drops its lm_head when the embeddings are tied.
+    twin.load_weights(list(twin.sanitize(dict(tree_flatten(model.parameters()))).items()))
     mx.eval(twin.parameters())
     return twin
 

@@ -41,8 +41,10 @@ def step_by_step(model, cache, tokens):
 
 
 @pytest.mark.parametrize("policy, args", SETTINGS, ids=lambda x: str(x))
-def test_restore_continues_exactly(tmp_path, policy, args):
-    model = tiny_model("llama3")
+@pytest.mark.parametrize("arch", ["llama3", "gemma3"])
+def test_restore_continues_exactly(tmp_path, arch, policy, args):
+    # gemma3: the policy on its global layers, an 8-token window on the others.
+    model = tiny_model(arch)
     uninterrupted = make_cache(model, policy, **args)
     feed(model, uninterrupted, PROMPT[:-1])
     expected = step_by_step(model, uninterrupted, [PROMPT[-1]] + TOKENS)
@@ -89,3 +91,22 @@ def test_save_is_atomic_and_errors_are_user_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a cache")
     with pytest.raises(UserError, match="not a saved mlx-kvcache cache"):
         load_cache(tmp_path / "junk.safetensors", model)
+
+
+def test_a_version_1_file_still_restores(tmp_path):
+    # Version 1 had one policy for all layers and each layer's scalars alone.
+    import json
+
+    model = tiny_model("llama3")
+    cache = make_cache(model, "h2o", budget=20)
+    feed(model, cache, PROMPT)
+    path = tmp_path / "cache.safetensors"
+    save_cache(path, cache, model)
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    header = json.loads(metadata["mlx_kvcache"])
+    header["format"] = "mlx_kvcache.cache/1"
+    header["layers"] = [layer["scalars"] for layer in header["layers"]]
+    mx.save_safetensors(str(path), arrays, metadata={"mlx_kvcache": json.dumps(header)})
+    restored = load_cache(path, model, policy="h2o")
+    assert mx.array_equal(step_by_step(model, restored, TOKENS),
+                          step_by_step(model, cache, TOKENS))

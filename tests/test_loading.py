@@ -77,6 +77,29 @@ def test_mlx_4bit_directory_matches_mlx_lm_load(tmp_path, smollm2):
     assert mx.allclose(logits(dequantized, ids), expected, atol=2e-2)
 
 
+def test_multimodal_gemma3_directory_loads_its_language_model(tmp_path, smollm2):
+    # mlx-community's Gemma 3 conversions are the multimodal model: the text
+    # config nested under text_config, weights under language_model., a
+    # vision tower beside them, quantized.
+    _, tokenizer = smollm2
+    model = tiny_model("gemma3")
+    nn.quantize(model, group_size=32, bits=4)
+    weights = {f"language_model.{k}": v for k, v in tree_flatten(model.parameters())}
+    weights["vision_tower.patch_embedding.weight"] = mx.zeros((8, 8))
+    directory = tmp_path / "gemma-3-4bit"
+    directory.mkdir()
+    mx.save_safetensors(str(directory / "model.safetensors"), weights)
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "gemma3", "text_config": TINY_CONFIGS["gemma3"], "vocab_size": 320,
+        "quantization": {"group_size": 32, "bits": 4}}))
+    tokenizer.save_pretrained(str(directory))
+    ours, _ = load(str(directory), dequantize=False)
+    theirs, _ = mlx_lm_load(str(directory))
+    ids = [(7 * i + 3) % 320 for i in range(30)]
+    assert ours.sliding_windows == [8, None, 8, None]
+    assert mx.allclose(logits(ours, ids), theirs(mx.array(ids)[None]), atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
 def test_gguf_matches_the_model_it_was_written_from(tmp_path, name, dtype):

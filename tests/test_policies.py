@@ -42,7 +42,7 @@ def run_logits(model, policy, prompt, n_decode, chunk=16, forced=None, **args):
 
 
 @pytest.mark.parametrize("policy, args", COVERING, ids=lambda x: str(x))
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen3", "gemma3"])
 def test_covering_budget_reproduces_full_exactly(arch, policy, args):
     model = tiny_model(arch)
     prompt = [(7 * i + 3) % 256 for i in range(70)]

@@ -33,11 +33,22 @@ def parameters(cls) -> Dict[str, dataclasses.Field]:
 
 def make_cache(model, policy: str = "full", **policy_args) -> list:
     """One cache policy object per layer of `model`, e.g.
-    `make_cache(model, "full")`. Unknown or invalid arguments raise UserError."""
+    `make_cache(model, "full")`. Unknown or invalid arguments raise UserError.
+
+    The policy runs on the global-attention layers. A sliding-window layer
+    (Gemma 3's local layers) keeps its own window: a StreamingLLM cache with no
+    sinks is exactly that window. Models without `sliding_windows` (mlx-lm's
+    own, through the adapter) are all global."""
     cls = policy_class(policy)
     accepted = parameters(cls)
     for key in policy_args:
         if key not in accepted:
             takes = ", ".join(sorted(accepted)) or "no arguments"
             raise UserError(f"policy {policy!r} takes {takes}; got {key!r}")
-    return [cls(**policy_args) for _ in model.layers]
+    windows = getattr(model, "sliding_windows", None) or [None] * len(model.layers)
+    return [cls(**policy_args) if window is None else sliding_window_cache(window)
+            for window in windows]
+
+
+def sliding_window_cache(window: int):
+    return POLICIES["streaming"](budget=window, sinks=0)
