@@ -80,14 +80,48 @@ def prefill(model, cache, tokens: List[int]) -> None:
         mx.eval([c.state for c in cache])
 
 
+# The last prompt tokens a policy continuing from a full prefill reads itself:
+# at least SnapKV's observation window, so it votes with its own queries.
+FORK_TAIL = 64
+
+
+def continues_full_prefill(spec: PolicySpec) -> bool:
+    """Whether `spec`'s prompt chunks are full attention over every token, its
+    cache then holding exactly the full cache's keys and values (full, SnapKV,
+    RefreshKV over an unquantized cache): such a policy can continue from a
+    full cache's prefill instead of repeating it (tests/test_evaluate.py)."""
+    return spec.name in ("full", "snapkv") or (
+        spec.name == "refreshkv" and spec.args.get("full_cache_bits") is None)
+
+
+def continue_from_full(model, spec: PolicySpec, full_cache: list, prompt: List[int]) -> list:
+    """spec's cache after prefilling `prompt` (all but its last token, as
+    `prefill` does), taking its first tokens from `full_cache`, a full cache
+    that prefilled prompt[:offset] and is left as it was. The rest, at least
+    FORK_TAIL tokens, is read by the policy in one chunk."""
+    offset = full_cache[0].offset
+    if not continues_full_prefill(spec) or len(prompt) - 1 - offset < FORK_TAIL:
+        raise ValueError(f"{spec.label()} cannot continue a full prefill at {offset} "
+                         f"of {len(prompt)} tokens")
+    cache = spec.cache(model, len(prompt))
+    for layer, full in zip(cache, full_cache):
+        layer.state = full.state
+        layer.offset = full.offset
+    model(mx.array(prompt[offset:-1])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
 def window_nll(model, spec: PolicySpec, window: List[int], score_last: int,
-               block: Optional[int] = None):
+               block: Optional[int] = None, cache: Optional[list] = None):
     """(mean negative log-likelihood of the window's last `score_last` tokens,
     the same per consecutive `block` of them (all of them if None),
-    milliseconds per scored token)."""
+    milliseconds per scored token). `cache`: spec's cache with the prompt
+    (all of the window before the scored tokens) already prefilled."""
     prompt = window[:-score_last]
-    cache = spec.cache(model, len(prompt))
-    prefill(model, cache, prompt)
+    if cache is None:
+        cache = spec.cache(model, len(prompt))
+        prefill(model, cache, prompt)
     block = block or score_last
     total, per_block, block_sum = 0.0, [], mx.array(0.0)
     start = time.perf_counter()

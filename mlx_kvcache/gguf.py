@@ -9,14 +9,17 @@ header is walked here first: a truncated or corrupt file, or a type nobody here
 reads (IQ types...), gets a clear error naming the tensor instead of a crash.
 """
 
+import math
 import os
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlx_kvcache.errors import UserError
 
@@ -58,28 +61,40 @@ class _Reader:
         self.pos += n
         return s
 
-    def skip_value(self, vtype: int):
+    def value(self, vtype: int):
+        """A metadata value as mx.load gives it: str, list of str, or mx.array."""
         if vtype == 8:
-            n = self.unpack("<Q")
-            self.pos += n
-        elif vtype == 9:
+            return self.string()
+        if vtype == 9:
             etype, count = self.unpack("<I"), self.unpack("<Q")
-            if etype in _SCALARS:
-                self.pos += count * struct.calcsize(_SCALARS[etype])
-            else:
-                for _ in range(count):
-                    self.skip_value(etype)
-        elif vtype in _SCALARS:
-            self.pos += struct.calcsize(_SCALARS[vtype])
-        else:
-            raise ValueError(f"unknown metadata value type {vtype}")
-        if self.pos > len(self.data):
-            raise ValueError("metadata runs past the end of the file")
+            if etype == 8:
+                return [self.string() for _ in range(count)]
+            if etype not in _SCALARS:
+                raise ValueError(f"unsupported metadata array of type {etype}")
+            fmt = _SCALARS[etype]
+            nbytes = count * struct.calcsize(fmt)
+            if self.pos + nbytes > len(self.data):
+                raise ValueError("metadata runs past the end of the file")
+            values = np.frombuffer(self.data, np.dtype(fmt), count, self.pos)
+            self.pos += nbytes
+            return mx.array(values)
+        if vtype in _SCALARS:
+            return mx.array(self.unpack(_SCALARS[vtype]))
+        raise ValueError(f"unknown metadata value type {vtype}")
 
 
-def check_file(path: Path) -> set:
-    """The tensor types of `path`; UserError unless it is a complete GGUF file
-    of supported types."""
+@dataclass
+class TensorInfo:
+    name: str
+    shape: Tuple[int, ...]  # row-major, as numpy and MLX see it
+    type_name: str
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+def read_header(path: Path) -> Tuple[dict, List[TensorInfo]]:
+    """(metadata, tensors) of a GGUF file; UserError unless it is a complete
+    GGUF file whose tensors are all of supported types."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         # The header (metadata + tensor infos) sits before the data; for the
@@ -94,14 +109,11 @@ def check_file(path: Path) -> set:
         if version not in (2, 3):
             raise ValueError(f"unsupported GGUF version {version}")
         n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-        alignment = 32
+        metadata = {}
         for _ in range(n_kv):
             key, vtype = r.string(), r.unpack("<I")
-            if key == "general.alignment" and vtype == 4:
-                alignment = r.unpack("<I")
-            else:
-                r.skip_value(vtype)
-        end, types = 0, set()
+            metadata[key] = r.value(vtype)
+        tensors = []
         for _ in range(n_tensors):
             name = r.string()
             dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
@@ -114,20 +126,24 @@ def check_file(path: Path) -> set:
                     f"{path}: tensor {name!r} is {type_name}, a GGUF quant type this "
                     f"package cannot load (supported: {', '.join(sorted(SUPPORTED_TYPES))})"
                 )
-            types.add(type_name)
-            n = 1
-            for d in dims:
-                n *= d
-            end = max(end, offset + n // block_elems * block_bytes)
+            tensors.append(TensorInfo(name, tuple(reversed(dims)), type_name, offset,
+                                      math.prod(dims) // block_elems * block_bytes))
     except (struct.error, ValueError) as e:
         raise UserError(f"{path}: corrupt GGUF file ({e})") from None
+    alignment = _scalar(metadata, "general.alignment", 32)
     data_start = (r.pos + alignment - 1) // alignment * alignment
-    if data_start + end > size:
-        raise UserError(
-            f"{path}: truncated GGUF file ({size} bytes, its tensors need "
-            f"{data_start + end})"
-        )
-    return types
+    end = data_start + max((t.offset + t.nbytes for t in tensors), default=0)
+    if end > size:
+        raise UserError(f"{path}: truncated GGUF file ({size} bytes, its tensors need {end})")
+    for t in tensors:
+        t.offset += data_start
+    return metadata, tensors
+
+
+def check_file(path: Path) -> set:
+    """The tensor types of `path`; UserError unless it is a complete GGUF file
+    of supported types."""
+    return {t.type_name for t in read_header(path)[1]}
 
 
 # GGUF tensor name -> Hugging Face name (the ports use HF names).
@@ -234,12 +250,13 @@ def _quantization(weights: dict) -> Dict[str, dict]:
 def read(path: Path, keep_quantized: bool = True) -> Tuple[dict, dict, Dict[str, dict], dict]:
     """(config, weights with HF names, quantization per module, metadata).
     Types MLX cannot read are dequantized, then re-quantized if `keep_quantized`."""
-    if check_file(path) <= MLX_TYPES:
+    metadata, tensors = read_header(path)
+    if {t.type_name for t in tensors} <= MLX_TYPES:
         gguf_weights, metadata = mx.load(str(path), return_metadata=True)
     else:
         from mlx_kvcache import gguf_package
 
-        gguf_weights, metadata = gguf_package.read(path, keep_quantized)
+        gguf_weights = gguf_package.read(path, tensors, keep_quantized)
     gemma = metadata.get("general.architecture") == "gemma3"
     renames = _GEMMA3_RENAMES + _RENAMES if gemma else _RENAMES
     weights = {}

@@ -1,6 +1,7 @@
-"""GGUF files MLX's own reader cannot load (K-quants, Q5_0/Q5_1, BF16), read
-with llama.cpp's `gguf` package: its reader and its numpy dequantizers, rather
-than bit unpacking of our own.
+"""GGUF files MLX's own reader cannot load (K-quants, Q5_0/Q5_1, BF16),
+dequantized by llama.cpp's `gguf` package (its numpy dequantizers, rather than
+bit unpacking of our own). The header is walked by gguf.read_header: the
+package's own reader takes 20 s over Gemma 3's 262K-token vocabulary.
 
 Every tensor is dequantized to float32. Kept quantized (`--keep-quantized`, and
 on a GPU), a quantized tensor becomes MLX affine quantization, groups of 32, at
@@ -9,7 +10,7 @@ values, not a bit-exact copy of the file's blocks.
 """
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List
 
 import mlx.core as mx
 import numpy as np
@@ -20,35 +21,27 @@ KEEP_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "
 GROUP_SIZE = 32
 
 
-def _metadata_value(field):
-    """A reader field as `mx.load` gives metadata: str, list of str, or mx.array."""
-    from gguf import GGUFValueType
-
-    main = field.types[0]
-    if main == GGUFValueType.STRING:
-        return field.contents()
-    if main == GGUFValueType.ARRAY:
-        if field.types[-1] == GGUFValueType.STRING:
-            return field.contents()
-        return mx.array(np.array(field.contents()))
-    return mx.array(field.contents())
-
-
-def read(path: Path, keep_quantized: bool) -> Tuple[Dict[str, mx.array], dict]:
-    """(weights by GGUF name, metadata): float32, or MLX-quantized
-    (`name.weight`, `name.scales`, `name.biases`) when `keep_quantized`."""
-    from gguf import GGUFReader
+def read(path: Path, tensors: List, keep_quantized: bool) -> Dict[str, mx.array]:
+    """Weights by GGUF name, from `tensors` (gguf.TensorInfo, read_header): float32, or
+    MLX-quantized (`name.weight`, `name.scales`, `name.biases`) when
+    `keep_quantized`. The file is mapped, not read whole; the metadata is read
+    by gguf.read_header (the package's reader builds a numpy view per token of
+    the vocabulary: 20 s for Gemma's 262K)."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
-    metadata = {name: _metadata_value(field) for name, field in reader.fields.items()
-                if not name.startswith("GGUF.")}
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
     weights = {}
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        shape = tuple(reversed(tensor.shape.tolist()))
-        values = mx.array(dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-                          .astype(np.float32))
+    for tensor in tensors:
+        kind = tensor.type_name
+        raw = mapped[tensor.offset : tensor.offset + tensor.nbytes]
+        if kind in ("F32", "F16"):
+            values = raw.view(np.float32 if kind == "F32" else np.float16).reshape(tensor.shape)
+        else:
+            # Quantized rows as the gguf package lays them out: bytes per row last.
+            rows = raw.reshape(*tensor.shape[:-1], -1)
+            values = dequantize(rows, GGMLQuantizationType[kind]).reshape(tensor.shape)
+        values = mx.array(values.astype(np.float32))
         bits = KEEP_BITS.get(kind)
         if keep_quantized and bits is not None and values.ndim == 2:
             base = tensor.name[: -len(".weight")]
@@ -57,4 +50,4 @@ def read(path: Path, keep_quantized: bool) -> Tuple[Dict[str, mx.array], dict]:
                             f"{base}.biases": biases})
         else:
             weights[tensor.name] = values
-    return weights, metadata
+    return weights

@@ -137,3 +137,44 @@ def test_needle_prompt_places_the_key_at_depth(smollm2):
 def test_bad_input_is_one_line(capsys, tiny_gguf, argv, fragment):
     code, _, err = evaluate(capsys, "--model", tiny_gguf, *argv)
     assert code == 1 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama3", "gemma3"])
+def test_continuing_a_full_prefill_is_exact(arch):
+    # The long-context benchmark prefills a window once with `full` and lets
+    # SnapKV and RefreshKV continue from it: their logits must be the ones of
+    # their own prefill with the same chunks, bit for bit.
+    import mlx.core as mx
+
+    from mlx_kvcache import make_cache
+    from mlx_kvcache.evaluate import (FORK_TAIL, PolicySpec, continue_from_full,
+                                      continues_full_prefill, prefill)
+
+    model = tiny_model(arch)
+    prompt = [(7 * i + 3) % 256 for i in range(100 + FORK_TAIL + 1)]
+    full = make_cache(model, "full")
+    prefill(model, full, prompt[:101])  # the first 100 tokens
+    specs = [PolicySpec("full"), PolicySpec("snapkv", {"budget": 40, "window": 8}),
+             PolicySpec("refreshkv", {"budget": 30}),
+             PolicySpec("refreshkv", {"budget": 30, "refresh": "stride", "refresh_every": 1,
+                                      "refresh_mode": "score"})]
+
+    def decode(cache):
+        return mx.concatenate([model(mx.array([[t]]), cache=cache)
+                               for t in prompt[-1:] + list(range(40, 56))], axis=1)
+
+    for spec in specs:
+        assert continues_full_prefill(spec)
+        own = spec.cache(model, len(prompt))
+        model(mx.array(prompt[:100])[None], cache=own)
+        model(mx.array(prompt[100:-1])[None], cache=own)
+        forked = continue_from_full(model, spec, full, prompt)
+        assert mx.array_equal(decode(forked), decode(own)), spec.label()
+    assert all(c.offset == 100 for c in full)  # the shared prefill is untouched
+    for spec in [PolicySpec("h2o", {"budget": 30}), PolicySpec("streaming"),
+                 PolicySpec("refreshkv", {"full_cache_bits": 4})]:
+        assert not continues_full_prefill(spec)
+        with pytest.raises(ValueError):
+            continue_from_full(model, spec, full, prompt)
+    with pytest.raises(ValueError):  # too short a tail for SnapKV to vote
+        continue_from_full(model, specs[1], full, prompt[:100 + FORK_TAIL])

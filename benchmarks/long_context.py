@@ -1,0 +1,196 @@
+"""Every policy at long contexts on Qwen2.5-Coder-0.5B-Instruct (32K context):
+perplexity of the last 256 tokens of each window, scored one token at a time,
+at budgets L/16 and L/8, with decode ms/token and memory per context length
+beside the full cache and mlx-lm's KVCache.
+
+Prefill is what costs here: exact attention over L tokens takes 14 heads x 24
+layers x L^2/2 exponentials, and this CPU computes ~40 M/s of them, so one
+32K-token prefill is over an hour (docs/benchmarks.md). The work is shared:
+
+- windows nest: each window has the longest length; a shorter length's window
+  is its first L tokens, so one prefill track passes every length's checkpoint
+  (L - 256 tokens prefilled, the next 256 scored);
+- full, SnapKV and RefreshKV read a prompt with full attention and hold what
+  `full` holds: at each checkpoint they continue from the full track's cache
+  (evaluate.continue_from_full, tested bit-exact) and read only its last
+  FORK_TAIL tokens themselves; mlx-lm's KVCache starts from the same keys;
+- every other policy runs its own track, copied at each checkpoint.
+
+    python benchmarks/long_context.py --quick    # one 8K window, L/8, 128 scored
+    python benchmarks/long_context.py            # see --lengths, --windows
+
+Writes benchmarks/results/long_context.json after every checkpoint.
+"""
+
+import argparse
+import copy
+import math
+import time
+from fractions import Fraction
+
+import mlx.core as mx
+from common import write_result
+from mlx_lm.models.cache import KVCache
+
+from mlx_kvcache import load, make_cache
+from mlx_kvcache.evaluate import (FORK_TAIL, PREFILL_STEP, PolicySpec, continue_from_full,
+                                  continues_full_prefill, read_text, window_nll)
+from tests.helpers import mlx_lm_twin
+
+MODEL = "qwen2.5-coder-0.5b"
+TEXTS = {
+    "coreutils": "/usr/share/info/coreutils.info.gz",
+    "gettext": "/usr/share/info/gettext.info.gz",
+}
+SCORED = 256
+QUICK_SCORED = 128
+# Where the windows start in each text: past the table of contents, then spread.
+START = 2000
+
+
+def specs_at(ratio: float, quick: bool):
+    def at(name, **kw):
+        return PolicySpec(name, {"budget_ratio": ratio, **kw})
+
+    specs = [at("streaming"), at("snapkv"), at("refreshkv")]
+    if not quick:
+        # The trade-off curve's lossless point (fidelity.py): every step
+        # scores all keys and attends to the best L*ratio of them.
+        specs += [at("refreshkv", refresh="stride", refresh_every=1, refresh_mode="score"),
+                  at("h2o"), at("mixed", kv_bits=4)]
+    return specs
+
+
+class MlxLmKVCache:
+    """mlx-lm's KVCache on mlx-lm's qwen2 model, started from our full cache's
+    keys and values (the same tensors its own prefill would hold)."""
+
+    name, args = "mlx-lm KVCache", {}
+
+    def __init__(self, twin):
+        self.twin = twin
+
+    def label(self):
+        return self.name
+
+    def start_from(self, full_cache, prompt):
+        cache = []
+        for full in full_cache:
+            layer = KVCache()
+            state = full.state
+            layer.update_and_fetch(state["keys"], state["values"])
+            cache.append(layer)
+        self.twin(mx.array(prompt[full_cache[0].offset : -1])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        return cache
+
+
+def window_starts(n_tokens: int, length: int, count: int):
+    usable = n_tokens - START - length
+    if usable < 0:
+        raise SystemExit(f"text too short for a {length}-token window")
+    return [START + (usable * i) // max(count - 1, 1) for i in range(count)]
+
+
+def advance(model, cache, tokens, upto: int):
+    """Prefill `cache` (at its offset) through tokens[:upto], in chunks."""
+    chunk_times = []
+    while cache[0].offset < upto:
+        start = cache[0].offset
+        end = min(start + PREFILL_STEP, upto)
+        t0 = time.perf_counter()
+        model(mx.array(tokens[start:end])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        chunk_times.append((end, time.perf_counter() - t0))
+    return chunk_times
+
+
+def score(model, spec, window, scored, cache, log):
+    mx.reset_peak_memory()
+    nll, _, decode_ms = window_nll(model, spec, window, scored, cache=cache)
+    entry = {"nll": nll, "ppl": math.exp(nll), "decode_ms_per_token": decode_ms,
+             "kv_bytes": sum(c.nbytes for c in cache), "peak_memory_bytes": mx.get_peak_memory()}
+    log(f"  {spec.label()}: ppl {entry['ppl']:.3f}, {decode_ms:.0f} ms/token, "
+        f"kv {entry['kv_bytes'] / 2**20:.0f} MiB")
+    return entry
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--lengths", default=None, help="comma-separated (default 8192,16384)")
+    parser.add_argument("--windows", type=int, default=None,
+                        help="windows per text (default 1; --quick: one text, one window)")
+    parser.add_argument("--ratios", default=None, help="comma-separated (default 1/16,1/8)")
+    parser.add_argument("--name", default="long_context")
+    args = parser.parse_args()
+    quick = args.quick
+    lengths = sorted(int(x) for x in (args.lengths or ("8192" if quick else "8192,16384"))
+                     .split(","))
+    ratios = [float(Fraction(r)) for r in (args.ratios or ("1/8" if quick else "1/16,1/8")).split(",")]
+    texts = {"coreutils": TEXTS["coreutils"]} if quick else TEXTS
+    n_windows = args.windows or 1
+    scored = QUICK_SCORED if quick else SCORED
+    log = lambda line: print(line, flush=True)  # noqa: E731
+
+    model, tokenizer = load(MODEL)
+    twin = mlx_lm_twin(model)
+    reference = MlxLmKVCache(twin)
+    specs = [PolicySpec("full")] + [s for r in ratios for s in specs_at(r, quick)]
+    shared = [s for s in specs if continues_full_prefill(s)]
+    own = [s for s in specs if not continues_full_prefill(s)]
+    report = {"benchmark": "long_context", "model": model.source, "quick": quick,
+              "lengths": lengths, "ratios": ratios, "scored": scored,
+              "policies": [s.label() for s in specs] + [reference.label()],
+              "prefill": [], "checkpoints": []}
+    for text_name, path in texts.items():
+        tokens = tokenizer.encode(read_text(path), add_special_tokens=False)
+        for w, first in enumerate(window_starts(len(tokens), lengths[-1], n_windows)):
+            window = tokens[first : first + lengths[-1]]
+            tracks = {"full": make_cache(model, "full")}
+            tracks.update({s.label(): s.cache(model, lengths[-1]) for s in own})
+            for length in lengths:
+                prompt_len = length - scored
+                # The shared track stops FORK_TAIL short of each prompt's end,
+                # where the policies continuing from it take over.
+                stop = prompt_len - 1 - FORK_TAIL
+                t0 = time.perf_counter()
+                chunks = advance(model, tracks["full"], window, stop)
+                report["prefill"].append({"text": text_name, "window": w, "upto": stop,
+                                          "seconds": time.perf_counter() - t0,
+                                          "chunks": chunks})
+                log(f"{text_name} window {w}: full prefill to {stop} tokens "
+                    f"({time.perf_counter() - t0:.0f} s)")
+                prompt, scored_window = window[:prompt_len], window[:length]
+                results = []
+                for spec in shared:
+                    cache = continue_from_full(model, spec, tracks["full"], prompt)
+                    results.append({"label": spec.label(), "policy": spec.name,
+                                    "args": spec.args,
+                                    **score(model, spec, scored_window, scored, cache, log)})
+                cache = reference.start_from(tracks["full"], prompt)
+                results.append({"label": reference.label(), "policy": reference.name,
+                                "args": {}, **score(twin, reference, scored_window, scored, cache, log)})
+                for spec in own:
+                    track = tracks[spec.label()]
+                    t0 = time.perf_counter()
+                    advance(model, track, window, prompt_len - 1)
+                    log(f"  {spec.label()}: own prefill to {prompt_len - 1} "
+                        f"({time.perf_counter() - t0:.0f} s)")
+                    results.append({"label": spec.label(), "policy": spec.name,
+                                    "args": spec.args,
+                                    **score(model, spec, scored_window, scored,
+                                            copy.deepcopy(track), log)})
+                full_ppl = results[0]["ppl"]
+                for r in results:
+                    r["ratio_to_full"] = r["ppl"] / full_ppl
+                report["checkpoints"].append({"text": text_name, "window": w, "start": first,
+                                              "context": length, "results": results})
+                write_result(args.name, report)
+
+
+if __name__ == "__main__":
+    from mlx_kvcache.process import exit_now
+
+    main()
+    exit_now(0)
