@@ -235,6 +235,71 @@ def growing_table(runs) -> str:
     return "\n".join(lines)
 
 
+def long_label(row) -> str:
+    args = dict(row["args"])
+    ratio = args.pop("budget_ratio", None)
+    name = row["policy"] + (f" L/{round(1 / ratio)}" if ratio else "")
+    extra = ", ".join(f"{k}={v}" for k, v in args.items())
+    return name + (f" ({extra})" if extra else "")
+
+
+def long_context_rows(result):
+    """{context: {label: (ppl ratio over all windows, per-window ratios,
+    mean decode ms/token, mean KV MiB)}}."""
+    import math
+
+    out = {}
+    for context in result["lengths"]:
+        points = [c for c in result["checkpoints"] if c["context"] == context]
+        if not points:
+            continue
+        by_label = {}
+        for point in points:
+            full_nll = point["results"][0]["nll"]
+            for r in point["results"]:
+                by_label.setdefault(long_label(r), []).append((r, full_nll))
+        out[context] = {
+            label: (math.exp(sum(r["nll"] - f for r, f in rows) / len(rows)),
+                    [r["ratio_to_full"] for r, _ in rows],
+                    sum(r["decode_ms_per_token"] for r, _ in rows) / len(rows),
+                    sum(r["kv_bytes"] for r, _ in rows) / len(rows) / 2**20)
+            for label, rows in by_label.items()}
+    return out
+
+
+def long_context_table(result) -> str:
+    rows = long_context_rows(result)
+    contexts = list(rows)
+    windows = sorted({(c["text"], c["window"]) for c in result["checkpoints"]})
+    texts = sorted({t for t, _ in windows})
+    prefill = ", ".join(
+        f"{p['upto']} tokens in {p['seconds'] / 60:.0f} min" for p in result["prefill"]
+        if p["window"] == 0 and p["text"] == texts[0])
+    lines = [f"Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, dequantized to float32): perplexity of the "
+             f"last {result['scored']} tokens of each window, scored one token at a time, as a "
+             f"ratio to full (over {len(windows)} window(s) from {', '.join(texts)}; per-window "
+             f"range in brackets); decode ms/token measured on those tokens; KV: what the "
+             f"cache holds at the end. Prefill of the shared full track, one window: {prefill} "
+             f"(SnapKV and RefreshKV continue from it, the other policies prefill their own). "
+             f"{where(result)}", "",
+             "| policy | " + " | ".join(f"{c // 1024}K ppl vs full | {c // 1024}K ms/token | "
+                                      f"{c // 1024}K KV MiB" for c in contexts) + " |",
+             "|---|" + "---:|---:|---:|" * len(contexts)]
+    labels = list(dict.fromkeys(label for c in contexts for label in rows[c]))
+    for label in labels:
+        cells = []
+        for c in contexts:
+            if label not in rows[c]:
+                cells.append("— | — | —")
+                continue
+            ratio, per_window, ms, kv = rows[c][label]
+            spread = (f" [{min(per_window):.2f}-{max(per_window):.2f}]"
+                      if len(per_window) > 1 else "")
+            cells.append(f"{ratio:.3f}{spread} | {ms:.0f} | {kv:.0f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -246,7 +311,7 @@ def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
     return name
 
 
-def plots(speed, fidelity, growing) -> list:
+def plots(speed, fidelity, growing, long_context=None) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,6 +361,23 @@ def plots(speed, fidelity, growing) -> list:
                               xlabel="context at the end of the block (tokens)",
                               ylabel="block perplexity / full's",
                               title=f"A short prompt whose context grows ({run['text']})"))
+    if long_context:
+        # Where a policy's decode step becomes cheaper than full's: its ms/token
+        # over full's, against the context.
+        rows = long_context_rows(long_context)
+        contexts = list(rows)
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for policy in dict.fromkeys(name for c in contexts for name in rows[c]):
+            if policy == "full":
+                continue
+            points = [(c, rows[c][policy][2] / rows[c]["full"][2]) for c in contexts
+                      if policy in rows[c]]
+            ax.plot([c for c, _ in points], [r for _, r in points], marker="o", label=policy)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        made.append(save_plot(fig, ax, "long_context_speed.png", xlabel="context (tokens)",
+                              ylabel="decode ms/token / full's",
+                              title="Below 1: the policy's decode step is cheaper than full's"))
     return made
 
 
@@ -309,6 +391,9 @@ TABLES = {
     "fidelity": ("fidelity", fidelity_tables, "\n\n![trade-off]({results}/tradeoff.png)"),
     "fidelity_quantized": ("fidelity_quantized", fidelity_tables, ""),
     "gguf_load": ("gguf_load", gguf_load_table, ""),
+    "long_context": ("long_context", long_context_table,
+                     "\n\n![decode vs full]({results}/long_context_speed.png)"),
+    "long_context_quick": ("long_context_quick", long_context_table, ""),
 }
 
 
@@ -334,7 +419,7 @@ def sections() -> dict:
         (RESULTS / "growing_context.md").write_text(table + "\n")
         out["growing_context"] = (table + "\n\n![growing context]"
                                   "({results}/growing_context.png)")
-    plots(load("speed_cpu"), load("fidelity"), growing)
+    plots(load("speed_cpu"), load("fidelity"), growing, load("long_context"))
     return out
 
 
