@@ -61,22 +61,45 @@ def _params(layer) -> dict:
     return {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}
 
 
-def save_cache(path, cache: list, model) -> None:
+def _record(layer) -> dict:
+    return {"policy": layer.name, "params": _params(layer), "scalars": _scalars(layer)}
+
+
+def _rebuild(record: dict, state: dict):
+    layer = policy_class(record["policy"])(**record["params"])
+    if state:
+        layer.state = state
+    _restore_scalars(layer, record["scalars"])
+    return layer
+
+
+def snapshot(cache: list) -> list:
+    """What `restore` needs to rebuild `cache` as it is now. Cheap: MLX arrays
+    are values, so the state is referenced, not copied, and later updates to
+    the cache leave the snapshot as it was."""
+    return [(_record(layer), dict(layer.state)) for layer in cache]
+
+
+def restore(saved: list) -> list:
+    """A new cache equal to the one `snapshot` was taken of."""
+    return [_rebuild(record, state) for record, state in saved]
+
+
+def save_cache(path, cache: list, model, extra: dict = None) -> None:
     """Write `cache` (from make_cache) atomically: a crash leaves the old file.
     The header names the policy of the global layers; each layer also records
-    its own (a sliding-window layer's window is a streaming cache)."""
+    its own (a sliding-window layer's window is a streaming cache). `extra`:
+    JSON the caller gets back from read_cache (a chat session's history)."""
     windows = getattr(model, "sliding_windows", None) or [None] * len(cache)
     policy = next(layer for layer, window in zip(cache, windows) if window is None)
     arrays = {}
-    layers = []
     for i, layer in enumerate(cache):
         for name, array in layer.state.items():
             arrays[f"{i}.{name}"] = array
-        layers.append({"policy": layer.name, "params": _params(layer),
-                       "scalars": _scalars(layer)})
     header = {
         "format": FORMAT, "policy": policy.name, "params": _params(policy),
-        "model": model_identity(model), "layers": layers,
+        "model": model_identity(model), "layers": [_record(layer) for layer in cache],
+        "extra": extra,
     }
     path = Path(path)
     directory = path.resolve().parent
@@ -92,6 +115,11 @@ def save_cache(path, cache: list, model) -> None:
 def load_cache(path, model, policy: str = None) -> list:
     """The cache saved in `path`, for `model`. If `policy` is given, a file
     of another policy is refused."""
+    return read_cache(path, model, policy)[0]
+
+
+def read_cache(path, model, policy: str = None):
+    """(the cache saved in `path` for `model`, the `extra` saved with it)."""
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         header = json.loads(metadata["mlx_kvcache"])
@@ -112,14 +140,15 @@ def load_cache(path, model, policy: str = None) -> list:
         )
     if policy is not None and policy != header["policy"]:
         raise UserError(f"{path} holds a {header['policy']!r} cache, not {policy!r}")
+    if len(header["layers"]) != len(model.layers):
+        raise UserError(f"{path}: {len(header['layers'])} layers saved, the model has "
+                        f"{len(model.layers)}")
     cache = []
-    for i, saved in enumerate(header["layers"]):
-        layer = policy_class(saved["policy"])(**saved["params"])
-        scalars = saved["scalars"]
+    for i, record in enumerate(header["layers"]):
         prefix = f"{i}."
         state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-        if state:
-            layer.state = state
-        _restore_scalars(layer, scalars)
-        cache.append(layer)
-    return cache
+        try:
+            cache.append(_rebuild(record, state))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: layer {i} cannot be restored ({e})") from None
+    return cache, header.get("extra")

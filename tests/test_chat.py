@@ -1,0 +1,221 @@
+"""Chat: ChatSession carries the cache across turns (feeding only what is new),
+survives interruptions and restarts bit for bit, and `python -m mlx_kvcache.chat`
+works in a real terminal and from a pipe."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+from mlx_kvcache import UserError
+from mlx_kvcache.cache_file import snapshot
+from mlx_kvcache.chat_session import ChatSession, TurnInterrupted
+
+GPL = "/usr/share/common-licenses/GPL-3"
+QUESTIONS = ["Name a fruit.", "Why is it healthy?", "What colour is it?"]
+# Every policy, with budgets small enough to compress a few turns.
+SETTINGS = [
+    ("full", {}),
+    ("streaming", {"budget": 48}),
+    ("snapkv", {"budget": 48, "window": 8}),
+    ("h2o", {"budget": 48}),
+    ("refreshkv", {"budget": 32}),
+    ("quantized", {"kv_bits": 4}),
+    ("kivi", {"kv_bits": 4, "residual": 16}),
+    ("mixed", {"budget": 32, "kv_bits": 4}),
+]
+
+
+def reply(session, text, **kw):
+    return "".join(r.text for r in session.send(text, **kw))
+
+
+def state_of(session):
+    return (list(session.messages), session.cached_text,
+            [(record, {k: v.tolist() for k, v in state.items()})
+             for record, state in snapshot(session.cache)])
+
+
+def test_each_turn_feeds_only_what_is_new(smollm2):
+    model, tokenizer = smollm2
+    session = ChatSession(model, tokenizer, "full", max_tokens=24)
+    reply(session, QUESTIONS[0])
+    used = session.context_used()
+    answer = reply(session, QUESTIONS[1])
+    fed = session.last_reply.prompt_tokens
+    # The second question's template tokens, not the conversation again.
+    assert fed < 20 and session.context_used() == used + fed + session.last_reply.generation_tokens
+    assert session.notices == []
+    rendered = tokenizer.apply_chat_template(session.messages, tokenize=False)
+    assert rendered.startswith(session.cached_text) and answer in session.cached_text
+
+
+def test_a_template_that_renders_the_past_differently_is_read_again(smollm2):
+    model, tokenizer = smollm2
+    session = ChatSession(model, tokenizer, "full", max_tokens=8)
+    reply(session, QUESTIONS[0])
+    # As if the template now rendered the first answer otherwise (Qwen3 drops
+    # thinking blocks): the cache no longer holds a prefix of the rendering.
+    session.messages[-1]["content"] = "Something else entirely."
+    reply(session, QUESTIONS[1])
+    assert session.notices and "reading the whole conversation again" in session.notices[0]
+    whole = tokenizer.apply_chat_template(session.messages[:-1], tokenize=False,
+                                          add_generation_prompt=True)
+    assert session.context_used() == (len(tokenizer.encode(whole, add_special_tokens=False))
+                                      + session.last_reply.generation_tokens)
+
+
+@pytest.mark.parametrize("policy, args", SETTINGS, ids=lambda x: str(x))
+def test_a_restored_session_continues_bit_for_bit(tmp_path, smollm2, policy, args):
+    model, tokenizer = smollm2
+    path = tmp_path / "chat.safetensors"
+    uninterrupted = ChatSession(model, tokenizer, policy, "Be brief.", max_tokens=20, **args)
+    first = ChatSession(model, tokenizer, policy, "Be brief.", max_tokens=20, **args)
+    for question in QUESTIONS[:2]:
+        assert reply(uninterrupted, question) == reply(first, question)
+    first.save(path)
+    restored = ChatSession.load(path, model, tokenizer, policy)
+    assert restored.messages == first.messages and restored.policy_args == args
+    expected = [r.token for r in uninterrupted.send(QUESTIONS[2])]
+    assert [r.token for r in restored.send(QUESTIONS[2])] == expected
+    assert [c.nbytes for c in restored.cache] == [c.nbytes for c in uninterrupted.cache]
+
+
+def test_a_document_read_is_cancelled_whole_and_a_reply_stops_cleanly(smollm2):
+    model, tokenizer = smollm2
+    session = ChatSession(model, tokenizer, "refreshkv", max_tokens=40, budget=32,
+                          prefill_step_size=64)
+    reply(session, QUESTIONS[0])
+    before = state_of(session)
+
+    def ctrl_c(done, total):
+        if done >= 128:
+            raise TurnInterrupted()
+
+    with pytest.raises(TurnInterrupted):
+        session.add_document(GPL, progress=ctrl_c)
+    assert state_of(session) == before
+    # Ctrl-C mid-reply: the reply so far stays, and the next turn carries on
+    # from a cache that holds exactly it.
+    tokens = []
+    for r in session.send(QUESTIONS[1], stop=lambda: len(tokens) >= 5):
+        tokens.append(r.token)
+    assert len(tokens) == 5 and session.last_reply.finish_reason == "interrupted"
+    assert session.messages[-1]["content"] == tokenizer.decode(tokens)
+    reply(session, QUESTIONS[2])
+    assert session.notices == []
+    n = session.add_document("A short note about apples.\nThey are red.")
+    assert 5 < n < 40
+
+
+def test_the_context_limit_refuses_a_turn_unless_the_policy_runs_past_it(smollm2):
+    model, tokenizer = smollm2
+    limit = model.context_length
+    try:
+        model.context_length = 120
+        session = ChatSession(model, tokenizer, "full", max_tokens=30)
+        with pytest.raises(UserError, match="/reset"):
+            session.add_document(GPL)
+        assert session.context_used() == 0 and session.messages == []
+        reply(session, QUESTIONS[0])
+        while True:
+            try:
+                reply(session, QUESTIONS[1])
+            except UserError as e:
+                assert "streaming --positions cache" in str(e)
+                break
+        assert session.context_used() <= 120
+        endless = ChatSession(model, tokenizer, "streaming", max_tokens=30, budget=64,
+                              positions="cache")
+        for _ in range(5):
+            reply(endless, QUESTIONS[1])
+        assert endless.context_used() > 120
+    finally:
+        model.context_length = limit
+
+
+def test_a_base_model_is_refused_in_one_line():
+    from mlx_kvcache.loading import load
+
+    model, tokenizer = load("gemma3-270m")
+    with pytest.raises(UserError, match="no chat template"):
+        ChatSession(model, tokenizer)
+
+
+# ---------------------------------------------------------------- the CLI
+
+def chat_cli(*args, stdin="", timeout=300):
+    return subprocess.run([sys.executable, "-m", "mlx_kvcache.chat", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_piped_turns_and_a_session_that_survives_the_process(tmp_path):
+    session = tmp_path / "s.safetensors"
+    common = ["--policy", "h2o", "--budget", "48", "--max-tokens", "30"]
+    whole = chat_cli(*common, stdin="\n".join(QUESTIONS) + "\n")
+    assert whole.returncode == 0, whole.stderr
+    first = chat_cli(*common, "--session", str(session), stdin="\n".join(QUESTIONS[:2]) + "\n")
+    second = chat_cli("--max-tokens", "30", "--session", str(session), stdin=QUESTIONS[2])
+    assert second.returncode == 0, second.stderr
+    assert first.stdout + second.stdout == whole.stdout
+    assert "tokens of context" in whole.stderr and "MiB KV (h2o)" in whole.stderr
+
+    saved = session.read_bytes()
+    other_policy = chat_cli("--policy", "full", "--session", str(session), stdin="hi\n")
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(saved[: len(saved) // 2])
+    bad = [other_policy,
+           chat_cli("--session", str(truncated), stdin="hi\n"),
+           chat_cli("--model", "qwen2.5-coder-0.5b", "--session", str(session), stdin="hi\n")]
+    for result in bad:
+        assert result.returncode != 0
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert "'h2o' session" in bad[0].stderr and "saved from another model" in bad[2].stderr
+    assert session.read_bytes() == saved and truncated.read_bytes() == saved[: len(saved) // 2]
+
+
+def test_piped_errors_are_one_line():
+    result = chat_cli("--model", "gemma3-270m", stdin="hi\n")
+    assert result.returncode == 1 and "no chat template" in result.stderr
+    result = chat_cli(stdin="/nonsense\n")
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: unknown command /nonsense (/help lists them)")
+
+
+def test_a_person_at_a_terminal(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    saved = tmp_path / "mine.safetensors"
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_kvcache.chat", "--max-tokens", "200",
+                                           "--policy", "refreshkv"],
+                          env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=120)
+    child.expect(">>> ")
+    child.sendline("What is the capital of France?")
+    child.expect("Paris")
+    child.expect(r"\[\d+/8192 tokens of context")
+    child.expect(">>> ")
+    # Ctrl-C in the middle of a long reply: it stops, and the chat goes on.
+    child.sendline("Write a long story about a dragon.")
+    child.expect(r"dragon\.\r\n")  # the terminal's echo of the line
+    child.expect(r"\n[^\[]*\w+ \w+ \w+")  # the reply streaming
+    child.sendintr()
+    child.expect(r"\(stopped\)")
+    child.expect(">>> ")
+    child.sendline('"""')
+    child.sendline("Say only:")
+    child.sendline("yes")
+    child.sendline('"""')
+    child.expect(">>> ")
+    child.sendline(f"/save {saved}")
+    child.expect("saved to")
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.sendline(f"/load {saved}")
+    child.expect(r"loaded .*: 6 messages")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert saved.exists()
