@@ -28,12 +28,14 @@ import copy
 import math
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import mlx.core as mx
 from common import write_result
 from mlx_lm.models.cache import KVCache
 
 from mlx_kvcache import load, make_cache
+from mlx_kvcache.cache_file import load_cache, save_cache
 from mlx_kvcache.evaluate import (FORK_TAIL, PREFILL_STEP, PolicySpec, continue_from_full,
                                   continues_full_prefill, read_text, window_nll)
 from tests.helpers import mlx_lm_twin
@@ -47,6 +49,17 @@ SCORED = 256
 QUICK_SCORED = 128
 # Where the windows start in each text: past the table of contents, then spread.
 START = 2000
+
+
+def tradeoff_at(ratio: float):
+    """RefreshKV's settings between its defaults and refreshing every step:
+    each continues the shared prefill, so they cost only their scoring."""
+    def refresh(**kw):
+        return PolicySpec("refreshkv", {"budget_ratio": ratio, **kw})
+
+    return ([refresh(refresh="stride", refresh_every=k) for k in (2, 4, 8, 16)]
+            + [refresh(refresh="stride", refresh_every=4, refresh_mode="score")]
+            + [refresh(refresh="query", qc=2, threshold=t) for t in (0.9, 0.95)])
 
 
 def specs_at(ratio: float, quick: bool):
@@ -128,6 +141,13 @@ def main():
     parser.add_argument("--ratios", default=None, help="comma-separated (default 1/16,1/8)")
     parser.add_argument("--policies", default=None,
                         help="comma-separated: only these (full and mlx-lm's KVCache always run)")
+    parser.add_argument("--tradeoff", action="store_true",
+                        help="also RefreshKV's trade-off curve (refresh strides, query "
+                        "thresholds) at each ratio")
+    parser.add_argument("--prefill-cache", default=None, metavar="DIR",
+                        help="keep each shared full prefill here (~24 KiB per token) and "
+                        "reuse it in later runs: settings can be added without paying "
+                        "the prefill again")
     parser.add_argument("--name", default=None,
                         help="result file name (default long_context, long_context_quick)")
     args = parser.parse_args()
@@ -145,6 +165,8 @@ def main():
     reference = MlxLmKVCache(twin)
     specs = [PolicySpec("full")] + [s for r in ratios for s in specs_at(r, quick)
                                     if not args.policies or s.name in args.policies.split(",")]
+    if args.tradeoff:
+        specs += [s for r in ratios for s in tradeoff_at(r)]
     shared = [s for s in specs if continues_full_prefill(s)]
     own = [s for s in specs if not continues_full_prefill(s)]
     report = {"benchmark": "long_context", "model": model.source, "quick": quick,
@@ -162,13 +184,22 @@ def main():
                 # The shared track stops FORK_TAIL short of each prompt's end,
                 # where the policies continuing from it take over.
                 stop = prompt_len - 1 - FORK_TAIL
-                t0 = time.perf_counter()
-                chunks = advance(model, tracks["full"], window, stop)
-                report["prefill"].append({"text": text_name, "window": w, "upto": stop,
-                                          "seconds": time.perf_counter() - t0,
-                                          "chunks": chunks})
-                log(f"{text_name} window {w}: full prefill to {stop} tokens "
-                    f"({time.perf_counter() - t0:.0f} s)")
+                kept = (Path(args.prefill_cache) / f"{text_name}-{first}-{stop}.safetensors"
+                        if args.prefill_cache else None)
+                if kept is not None and kept.exists():
+                    tracks["full"] = load_cache(kept, model, policy="full")
+                    log(f"{text_name} window {w}: full prefill to {stop} tokens from {kept}")
+                else:
+                    t0 = time.perf_counter()
+                    chunks = advance(model, tracks["full"], window, stop)
+                    report["prefill"].append({"text": text_name, "window": w, "upto": stop,
+                                              "seconds": time.perf_counter() - t0,
+                                              "chunks": chunks})
+                    log(f"{text_name} window {w}: full prefill to {stop} tokens "
+                        f"({time.perf_counter() - t0:.0f} s)")
+                    if kept is not None:
+                        kept.parent.mkdir(parents=True, exist_ok=True)
+                        save_cache(kept, tracks["full"], model)
                 prompt, scored_window = window[:prompt_len], window[:length]
                 results = []
                 for spec in shared:

@@ -8,12 +8,14 @@ warnings.filterwarnings(
     "ignore", message="'mlx_kvcache.generate' found in sys.modules", category=RuntimeWarning
 )
 
+from mlx_kvcache.chat_session import ChatSession  # noqa: E402
 from mlx_kvcache.errors import UserError  # noqa: E402
 from mlx_kvcache.generate import GenerationResponse, generate, stream_generate  # noqa: E402
 from mlx_kvcache.loading import load  # noqa: E402
 from mlx_kvcache.policies import POLICIES, make_cache  # noqa: E402
 
 __all__ = [
+    "ChatSession",
     "POLICIES",
     "GenerationResponse",
     "UserError",

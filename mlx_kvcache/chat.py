@@ -13,7 +13,7 @@ import signal
 import sys
 
 from mlx_kvcache.chat_session import ChatSession, TurnInterrupted
-from mlx_kvcache.cli import Parser, add_model_flags, policy_args
+from mlx_kvcache.cli import Parser, add_model_flags, policy_args, run_command
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.generate import DEFAULT_PREFILL_STEP
 
@@ -242,15 +242,7 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = setup_arg_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(run, setup_arg_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

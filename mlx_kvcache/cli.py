@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import sys
 
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.files import replaced_atomically
@@ -106,3 +107,15 @@ def policy_args(args) -> dict:
         if name not in accepted:
             raise UserError(f"--{name.replace('_', '-')} does not apply to --policy {args.policy}")
     return given
+
+
+def run_command(run, args) -> int:
+    """run(args), a user error as one line and exit status 1, Ctrl-C as 130."""
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, List, Optional, Union
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_kvcache.cli import Parser, add_model_flags, policy_args, write_json_atomic
+from mlx_kvcache.cli import Parser, add_model_flags, policy_args, run_command, write_json_atomic
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.policies import make_cache
 
@@ -303,16 +303,7 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = setup_arg_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(run, setup_arg_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

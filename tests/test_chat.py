@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import mlx.core as mx
 import pytest
 
 from mlx_kvcache import UserError
