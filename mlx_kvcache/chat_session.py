@@ -64,13 +64,12 @@ class ChatSession:
         length in tokens. An exception raised by `progress` (Ctrl-C) leaves the
         session as it was."""
         message = {"role": "user", "content": _document_text(path_or_text)}
-        with self._turn() as before:
+        with self._turn():
             new_ids = self._new_tokens(self.messages + [message], generation_prompt=False)
             self._check_room(len(new_ids))
             prefill(self.model, self.cache, new_ids,
                     prefill_step_size=self.prefill_step_size, progress=progress)
             self.messages.append(message)
-        del before
         return len(new_ids)
 
     def send(self, text: str, *, progress: Optional[Callable] = None,
@@ -116,7 +115,7 @@ class ChatSession:
         """Undo everything the block did to the session if it raises."""
         before = (snapshot(self.cache), self.cached_text, list(self.messages), self.last_reply)
         try:
-            yield before
+            yield
         except BaseException:
             self.cache = restore(before[0])
             self.cached_text, self.messages, self.last_reply = before[1:]
