@@ -17,6 +17,7 @@ import numpy as np
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.files import replaced_atomically
 from mlx_kvcache.policies import policy_class
+from mlx_kvcache.policies.registry import sliding_windows
 
 FORMAT = "mlx_kvcache.cache/2"  # 2: each layer names its policy
 FORMAT_1 = "mlx_kvcache.cache/1"
@@ -90,8 +91,8 @@ def save_cache(path, cache: list, model, extra: dict = None) -> None:
     The header names the policy of the global layers; each layer also records
     its own (a sliding-window layer's window is a streaming cache). `extra`:
     JSON the caller gets back from read_cache (a chat session's history)."""
-    windows = getattr(model, "sliding_windows", None) or [None] * len(cache)
-    policy = next(layer for layer, window in zip(cache, windows) if window is None)
+    policy = next(layer for layer, window in zip(cache, sliding_windows(model))
+                  if window is None)
     arrays = {}
     for i, layer in enumerate(cache):
         for name, array in layer.state.items():

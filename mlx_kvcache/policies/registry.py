@@ -37,17 +37,21 @@ def make_cache(model, policy: str = "full", **policy_args) -> list:
 
     The policy runs on the global-attention layers. A sliding-window layer
     (Gemma 3's local layers) keeps its own window: a StreamingLLM cache with no
-    sinks is exactly that window. Models without `sliding_windows` (mlx-lm's
-    own, through the adapter) are all global."""
+    sinks is exactly that window."""
     cls = policy_class(policy)
     accepted = parameters(cls)
     for key in policy_args:
         if key not in accepted:
             takes = ", ".join(sorted(accepted)) or "no arguments"
             raise UserError(f"policy {policy!r} takes {takes}; got {key!r}")
-    windows = getattr(model, "sliding_windows", None) or [None] * len(model.layers)
     return [cls(**policy_args) if window is None else sliding_window_cache(window)
-            for window in windows]
+            for window in sliding_windows(model)]
+
+
+def sliding_windows(model) -> list:
+    """Per layer: its attention window, or None for a global layer. Models
+    without `sliding_windows` (mlx-lm's own, through the adapter) are all global."""
+    return getattr(model, "sliding_windows", None) or [None] * len(model.layers)
 
 
 def sliding_window_cache(window: int):
