@@ -59,7 +59,9 @@ def tradeoff_at(ratio: float):
 
     return ([refresh(refresh="stride", refresh_every=k) for k in (2, 4, 8, 16)]
             + [refresh(refresh="stride", refresh_every=4, refresh_mode="score")]
-            + [refresh(refresh="query", qc=2, threshold=t) for t in (0.9, 0.95)])
+            + [refresh(refresh="query", qc=2, threshold=t) for t in (0.9, 0.95)]
+            # StreamingLLM beats the defaults at 8K on code: is it recency?
+            + [refresh(recent=128)])
 
 
 def specs_at(ratio: float, quick: bool):

@@ -1,14 +1,15 @@
 """Attention entry points shared by the model ports and the cache policies.
 
 `sparse` and `refresh_scores` run fused kernels (mlx_kvcache/kernels.py) on a
-GPU when the shapes suit them, and the pure-MLX references here otherwise.
+GPU when the shapes suit them and the variant has passed its probe
+(mlx_kvcache/kernel_probe.py), and the pure-MLX references here otherwise.
 """
 
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from mlx_kvcache import kernels
+from mlx_kvcache import kernel_probe, kernels
 from mlx_kvcache.quantized_attention import grouped_queries, packed_scores
 
 
@@ -65,8 +66,13 @@ def sparse(
     queries, head dims 64/80/96/128). The reference path: one gather of K rows
     from keys and one from values, then dense attention over them.
     """
-    if kernels.sparse_supported(queries, keys, indices, mask):
+    if kernels.sparse_supported(queries, keys, indices, mask) and kernel_probe.trusted(
+            kernel_probe.sparse_variant(queries, keys), REFERENCES):
         return kernels.sparse_attention(queries, keys, values, indices, scale)
+    return sparse_reference(queries, keys, values, indices, scale, mask)
+
+
+def sparse_reference(queries, keys, values, indices, scale, mask=None) -> mx.array:
     return mx.fast.scaled_dot_product_attention(
         queries, gather_rows(keys, indices), gather_rows(values, indices),
         scale=scale, mask=mask,
@@ -127,8 +133,16 @@ def refresh_scores(queries: mx.array, keys, n_keys: int, scale: float, pool_kern
     on a GPU: fused kernels (one read of the keys, no [Hq, N] probabilities
     materialised in between).
     """
-    if kernels.refresh_supported(queries, quantization):
+    n_kv_heads = (keys[0] if quantization is not None else keys).shape[1]
+    if kernels.refresh_supported(queries, quantization) and kernel_probe.trusted(
+            kernel_probe.refresh_variant(queries, n_kv_heads, quantization), REFERENCES):
         return kernels.refresh_scores(queries, keys, n_keys, scale, pool_kernel, quantization)
+    return refresh_scores_reference(queries, keys, n_keys, scale, pool_kernel, quantization)
+
+
+def refresh_scores_reference(queries: mx.array, keys, n_keys: int, scale: float,
+                             pool_kernel: int,
+                             quantization: Optional[Tuple[int, int]] = None) -> mx.array:
     if quantization is None:
         n_kv_heads = keys.shape[1]
         probs = scores(queries, keys[:, :, :n_keys], scale)
@@ -141,3 +155,7 @@ def refresh_scores(queries: mx.array, keys, n_keys: int, scale: float, pool_kern
                                *quantization)[..., :n_keys]
         probs = mx.softmax(logits.reshape(B, n_q_heads, L, -1), axis=-1, precise=True)
     return group_max(pool_max(probs.sum(axis=2), pool_kernel), n_kv_heads)
+
+
+# What a kernel variant is probed against (kernel_probe.trusted).
+REFERENCES = {"sparse_attention": sparse_reference, "refresh_scores": refresh_scores_reference}

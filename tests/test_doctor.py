@@ -1,0 +1,72 @@
+"""python -m mlx_kvcache.doctor: as a user runs it here (CPU, no kernels), and
+in-process on a faked GPU with a broken kernel variant."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+
+from mlx_kvcache import attention, doctor, kernels
+from tests.test_kernel_probe import fake_gpu, wrong  # noqa: F401  (a fixture)
+
+
+def run_doctor(*args):
+    return subprocess.run([sys.executable, "-m", "mlx_kvcache.doctor", *args],
+                          capture_output=True, text=True, env=os.environ, timeout=300)
+
+
+def test_the_doctor_on_this_cpu_reports_and_exits_0():
+    done = run_doctor()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    heads = [line.split()[0] for line in lines]
+    for head in ("platform", "versions", "device", "kernels", "references", "timing", "model",
+                 "verdict"):
+        assert head in heads, done.stdout
+    assert f"mlx {mx.__version__}" in done.stdout
+    assert "kernels    not used: no GPU backend" in done.stdout
+    assert lines[-1].startswith("verdict    OK: no fused kernels here")
+    assert "model      smollm2: " in done.stdout and done.stderr == ""
+
+
+def test_the_doctor_speaks_json():
+    done = run_doctor("--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["references"]["ok"]
+    assert report["kernels"] == {"used": False, "why": "no GPU backend", "variants": []}
+    assert report["timing"]["reference_ms"] > 0 and report["timing"]["fused_ms"] is None
+    assert report["versions"]["mlx"] == mx.__version__
+
+
+def test_a_broken_variant_makes_the_doctor_fail(fake_gpu, capsys):  # noqa: F811
+    fake_gpu("refresh_scores", wrong(attention.refresh_scores_reference))
+    assert doctor.main([]) == 1
+    out = capsys.readouterr().out
+    variants = doctor.doctor_variants()
+    refresh = [v for v in variants if v.kernel == "refresh_scores"]
+    assert f"kernels    {len(variants) - len(refresh)} of {len(variants)} variants agree" in out
+    assert out.count("  disabled refresh_scores (") == len(refresh)
+    assert f"BROKEN: {len(refresh)} of {len(variants)} kernel variants disabled" in out
+    # The honest sparse kernel was timed at the long-context shape.
+    assert "fused not used here" not in out
+
+
+def test_every_kernel_variant_passes_when_the_kernels_are_honest(fake_gpu, capsys):  # noqa: F811
+    assert doctor.main(["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kernels"]["used"] and all(v["ok"] for v in report["kernels"]["variants"])
+    assert {v["variant"].split()[0] for v in report["kernels"]["variants"]} == {
+        "sparse_attention", "refresh_scores"}
+    assert report["timing"]["fused_ms"] > 0
+    assert report["verdict"].startswith("OK: ")
+
+
+def test_forcing_the_references_is_reported(monkeypatch):
+    monkeypatch.setattr(kernels, "KERNELS", {"sparse_attention_partials": None})
+    monkeypatch.setattr(kernels.mx, "default_device", lambda: mx.Device(mx.gpu))
+    monkeypatch.setenv(kernels.FORCE_REFERENCE, "1")
+    assert doctor.probes() == {"used": False, "why": "forced off by MLX_KVCACHE_REFERENCE",
+                               "variants": []}
