@@ -129,6 +129,12 @@ def score(model, spec, window, scored, cache, log):
     nll, _, decode_ms = window_nll(model, spec, window, scored, cache=cache)
     entry = {"nll": nll, "ppl": math.exp(nll), "decode_ms_per_token": decode_ms,
              "kv_bytes": sum(c.nbytes for c in cache), "peak_memory_bytes": mx.get_peak_memory()}
+    stats = [c.stats() for c in cache if hasattr(c, "stats")]
+    if stats and "full_steps" in stats[0]:
+        # What a refresh schedule costs, whatever else shares the machine:
+        # the share of layer-steps that read every key.
+        full = sum(s["full_steps"] for s in stats)
+        entry["full_step_share"] = full / max(1, full + sum(s["partial_steps"] for s in stats))
     log(f"  {spec.label()}: ppl {entry['ppl']:.3f}, {decode_ms:.0f} ms/token, "
         f"kv {entry['kv_bytes'] / 2**20:.0f} MiB")
     return entry

@@ -4,11 +4,13 @@ The chat template renders the whole conversation each turn; what is fed to the
 model is only the text past what the cache already holds. The cache's text is
 kept beside it: if a template renders earlier turns differently (Qwen3 drops
 thinking blocks, some templates move the system prompt), the new rendering no
-longer starts with it, and the conversation is read again from the start
-(`notices` says so) rather than feeding a conversation that differs from the
-rendered one.
+longer starts with it. The cache then goes back to the last turn's end that the
+rendering still starts with, trimmed where the policy can forget tokens exactly
+(full, RefreshKV), or the conversation is read again from the start; `notices`
+says which. A conversation that differs from the rendered one is never fed.
 """
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
@@ -17,7 +19,7 @@ from mlx_kvcache.cache_file import read_cache, restore, save_cache, snapshot
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.generate import (DEFAULT_PREFILL_STEP, GenerationResponse, make_sampler,
                                   prefill, stream_generate)
-from mlx_kvcache.policies import make_cache
+from mlx_kvcache.policies import make_cache, trimmable
 
 SESSION_FORMAT = "mlx_kvcache.chat/1"
 
@@ -56,6 +58,9 @@ class ChatSession:
         if self.system_prompt is not None:
             self.messages.append({"role": "system", "content": self.system_prompt})
         self.cached_text = ""  # the rendered text the cache holds, exactly
+        # (characters of cached_text, tokens in the cache) where each turn ended:
+        # where a trim can go back to.
+        self.turn_ends = []
         self.last_reply = None  # the last GenerationResponse
 
     def add_document(self, path_or_text, *, progress: Optional[Callable] = None) -> int:
@@ -70,6 +75,7 @@ class ChatSession:
             prefill(self.model, self.cache, new_ids,
                     prefill_step_size=self.prefill_step_size, progress=progress)
             self.messages.append(message)
+            self.turn_ends.append((len(self.cached_text), self.context_used()))
         return len(new_ids)
 
     def send(self, text: str, *, progress: Optional[Callable] = None,
@@ -108,17 +114,19 @@ class ChatSession:
             self.cached_text += content
             if response.finish_reason == "stop":
                 self.cached_text += self.tokenizer.convert_ids_to_tokens(response.token)
+            self.turn_ends.append((len(self.cached_text), self.context_used()))
             self.last_reply = response
 
     @contextmanager
     def _turn(self):
         """Undo everything the block did to the session if it raises."""
-        before = (snapshot(self.cache), self.cached_text, list(self.messages), self.last_reply)
+        before = (snapshot(self.cache), self.cached_text, list(self.messages),
+                  list(self.turn_ends), self.last_reply)
         try:
             yield
         except BaseException:
             self.cache = restore(before[0])
-            self.cached_text, self.messages, self.last_reply = before[1:]
+            self.cached_text, self.messages, self.turn_ends, self.last_reply = before[1:]
             raise
 
     def _new_tokens(self, messages, *, generation_prompt: bool) -> List[int]:
@@ -128,15 +136,30 @@ class ChatSession:
         rendered = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt)
         if not rendered.startswith(self.cached_text):
-            self.notices.append("the chat template renders the earlier turns differently "
-                                "now; reading the whole conversation again")
-            self.cache = make_cache(self.model, self.policy, **self.policy_args)
-            self.cached_text = ""
+            self._rewind(rendered)
         new_text = rendered[len(self.cached_text):]
         bos = self.tokenizer.bos_token
         add_special = not self.cached_text and not (bos and new_text.startswith(bos))
         self.cached_text = rendered
         return self.tokenizer.encode(new_text, add_special_tokens=add_special)
+
+    def _rewind(self, rendered: str) -> None:
+        """Go back to the last turn end that `rendered` still starts with."""
+        agreed = len(os.path.commonprefix([rendered, self.cached_text]))
+        ends = [end for end in self.turn_ends if end[0] <= agreed]
+        if ends and trimmable(self.cache):
+            text_length, tokens = ends[-1]
+            dropped = self.context_used() - tokens
+            for layer in self.cache:
+                layer.trim(layer.offset - tokens)
+            self.cached_text, self.turn_ends = self.cached_text[:text_length], ends
+            self.notices.append(f"the chat template renders the last turns differently now; "
+                                f"the cache forgot their {dropped} tokens and reads them again")
+            return
+        self.notices.append("the chat template renders the earlier turns differently "
+                            "now; reading the whole conversation again")
+        self.cache = make_cache(self.model, self.policy, **self.policy_args)
+        self.cached_text, self.turn_ends = "", []
 
     # ---------------------------------------------------- the context limit
 
@@ -185,7 +208,7 @@ class ChatSession:
         save_cache(path, self.cache, self.model, extra={
             "format": SESSION_FORMAT, "policy": self.policy, "policy_args": self.policy_args,
             "system_prompt": self.system_prompt, "messages": self.messages,
-            "cached_text": self.cached_text,
+            "cached_text": self.cached_text, "turn_ends": self.turn_ends,
             "sampling": {"max_tokens": self.max_tokens, "temp": self.temp, "top_p": self.top_p},
         })
 
@@ -207,6 +230,8 @@ class ChatSession:
                       **{**extra["sampling"], **overrides}, **extra["policy_args"])
         session.cache, session.messages = cache, extra["messages"]
         session.cached_text = extra["cached_text"]
+        # Sessions saved before turn ends were kept: no trim point, a re-read.
+        session.turn_ends = [tuple(end) for end in extra.get("turn_ends", [])]
         return session
 
 

@@ -58,6 +58,11 @@ class QuantizedKV:
                 s[:, :, self.length : self.length + n] = a
         self.length += n
 
+    def trim(self, n: int) -> None:
+        """Forget the last n rows (each row is quantized on its own, so the
+        rest are untouched; readers cut at `length`)."""
+        self.length -= n
+
     def rows(self, start: int, stop: int) -> Tuple[mx.array, mx.array]:
         """Dequantized keys and values of tokens [start, stop)."""
         return tuple(self.codec.decode(tuple(a[:, :, start:stop] for a in stored), self.dtype)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 
 from mlx_kvcache import UserError
@@ -64,6 +65,53 @@ def test_a_template_that_renders_the_past_differently_is_read_again(smollm2):
                                           add_generation_prompt=True)
     assert session.context_used() == (len(tokenizer.encode(whole, add_special_tokens=False))
                                       + session.last_reply.generation_tokens)
+
+
+@pytest.mark.parametrize("policy, args", [("full", {}), ("refreshkv", {"budget": 32}),
+                                          ("refreshkv", {"budget": 32, "full_cache_bits": 8}),
+                                          ("streaming", {"budget": 48})], ids=str)
+def test_a_re_rendered_last_turn_is_trimmed_where_the_policy_can(smollm2, policy, args):
+    """The second answer renders otherwise now (Qwen3 drops its thinking block):
+    a trimmable cache forgets that turn and reads only its new rendering, and
+    holds what a session that was never told the old one holds, bit for bit."""
+    model, tokenizer = smollm2
+    changed = "Because of its vitamins."
+
+    def after_first_turn():
+        session = ChatSession(model, tokenizer, policy, max_tokens=12, **args)
+        reply(session, QUESTIONS[0])
+        return session
+
+    session = after_first_turn()
+    reply(session, QUESTIONS[1])
+    session.messages[-1]["content"] = changed
+    answer = reply(session, QUESTIONS[2])
+    # The reference: the same first turn, then the second as it renders now.
+    never_told = after_first_turn()
+    never_told.messages += [{"role": "user", "content": QUESTIONS[1]},
+                            {"role": "assistant", "content": changed}]
+    expected = reply(never_told, QUESTIONS[2])
+    if policy == "streaming":  # it has dropped tokens: it cannot go back
+        assert len(session.notices) == 1
+        assert "reading the whole conversation again" in session.notices[0]
+        whole = tokenizer.apply_chat_template(session.messages[:-1], tokenize=False,
+                                              add_generation_prompt=True)
+        assert session.last_reply.prompt_tokens == len(tokenizer.encode(whole))
+        return
+    assert len(session.notices) == 1 and "forgot their" in session.notices[0], session.notices
+    assert never_told.notices == []
+    assert answer == expected
+    assert session.last_reply.prompt_tokens == never_told.last_reply.prompt_tokens
+    # The same tokens and selection; only the step counters (stats) differ.
+    counters = ("full_steps", "partial_steps")
+    for (record, arrays), (other, other_arrays) in zip(snapshot(session.cache),
+                                                       snapshot(never_told.cache)):
+        assert {k: v for k, v in record["scalars"].items() if k not in counters} == {
+            k: v for k, v in other["scalars"].items() if k not in counters}
+        assert arrays.keys() == other_arrays.keys()
+        assert all(mx.array_equal(arrays[k], other_arrays[k]) for k in arrays)
+    assert session.messages == never_told.messages
+    assert session.cached_text == never_told.cached_text
 
 
 @pytest.mark.parametrize("policy, args", SETTINGS, ids=lambda x: str(x))

@@ -3,6 +3,7 @@
 import importlib
 import pkgutil
 
+from .protocol import trimmable
 from .registry import POLICIES, make_cache, parameters, policy_class
 
 # Importing each policy file registers its class.
@@ -10,4 +11,4 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("protocol", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["POLICIES", "make_cache", "parameters", "policy_class"]
+__all__ = ["POLICIES", "make_cache", "parameters", "policy_class", "trimmable"]

@@ -61,6 +61,13 @@ class FullCache:
     def stats(self) -> dict:
         return {"kept_tokens": self.offset}
 
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> None:
+        # The rows stay in the buffer, past the offset, until overwritten.
+        self.offset -= n
+
     @property
     def state(self):
         if self.keys is None:

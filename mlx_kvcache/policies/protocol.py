@@ -49,6 +49,17 @@ class CachePolicy(Protocol):
         """Bytes of memory really held by this layer's cache."""
         ...
 
+    # Optional, as in mlx-lm's caches: `is_trimmable() -> bool` and `trim(n)`,
+    # forgetting the last n tokens so that the cache is what it would be had
+    # they never been fed (a chat whose template re-renders the last turn
+    # trims back instead of reading the conversation again). A policy that
+    # has dropped or merged tokens cannot, and leaves them out.
+
+
+def trimmable(cache) -> bool:
+    """Whether every layer of `cache` can forget its last tokens exactly."""
+    return all(getattr(layer, "is_trimmable", lambda: False)() for layer in cache)
+
 
 def rotate(rope: Optional[Rope], x: mx.array, offset: int) -> mx.array:
     """x rotated to positions offset, offset+1, ...; unchanged when rope is None."""

@@ -128,6 +128,17 @@ class RefreshKVCache:
         self.steps_since_refresh += 1
         return self._attend_retained(queries, scale)
 
+    def is_trimmable(self) -> bool:
+        return True  # the whole cache is kept
+
+    def trim(self, n: int) -> None:
+        """Forget the last n tokens. The selection goes with them: the next
+        single-token step selects afresh, as it does after any prompt chunk."""
+        self.offset -= n
+        self.full_cache.trim(n)
+        self.retained = self.retained_scores = None
+        self.partial_keys = self.partial_values = None
+
     def _attend_all(self, queries, keys, values, scale, mask):
         if self.quantized:
             return attend_quantized(queries, self.full_cache, scale, causal=mask is not None)
