@@ -10,7 +10,13 @@ first token with the carried cache; for full, also the time to first token of
 re-reading the whole conversation, which is what a chat without a carried cache
 pays. Per policy: KV bytes, session file bytes, save and load time.
 
+The document is read once, by a full session; the policies that read prompts
+in full (SnapKV, RefreshKV) fork it (ChatSession.fork, tested exact), the
+others read it themselves.
+
     python benchmarks/multi_turn.py [--quick] [--model smollm2] [--doc-tokens 6000]
+    python benchmarks/multi_turn.py --model qwen2.5-coder-0.5b --doc-tokens 12000 \
+        --policies full,streaming,snapkv,refreshkv --reread 1
 
 Writes benchmarks/results/multi_turn.json (multi_turn_quick.json).
 """
@@ -25,6 +31,7 @@ from common import write_result
 
 from mlx_kvcache import ChatSession, load
 from mlx_kvcache.evaluate import read_text, rouge_l
+from mlx_kvcache.policies import reads_prompts_in_full
 
 TEXT = "/usr/share/info/gettext.info.gz"
 ANIMALS = ["heron", "badger", "otter", "lynx", "marten"]
@@ -55,12 +62,20 @@ def question(animal: str) -> str:
     return f"What is the code of the {animal}? Answer with the number only."
 
 
-def run_policy(model, tokenizer, policy, args, document, facts, max_tokens, log):
-    session = ChatSession(model, tokenizer, policy, "Answer from the document.",
-                          max_tokens=max_tokens, **args)
+SYSTEM = "Answer from the document."
+
+
+def read(model, tokenizer, policy, args, document, max_tokens):
+    """(a session of `policy` that has read the document, seconds, tokens)."""
+    session = ChatSession(model, tokenizer, policy, SYSTEM, max_tokens=max_tokens, **args)
     start = time.perf_counter()
     doc_tokens = session.add_document(document)
-    read_s = time.perf_counter() - start
+    return session, time.perf_counter() - start, doc_tokens
+
+
+def run_policy(session, facts, read_s, doc_tokens, log):
+    policy, args = session.policy, session.policy_args
+    model, tokenizer = session.model, session.tokenizer
     turns = []
     for i in ASK_ORDER:
         animal, code = facts[i]
@@ -93,7 +108,7 @@ def reread_ttft(model, tokenizer, full_session, turn: int) -> float:
     """Time to first token of question `turn` (0-based) for a chat that keeps
     no cache: the whole conversation up to it is read again."""
     history = full_session.messages[: 2 + 2 * turn]  # system + document, then Q/A pairs
-    fresh = ChatSession(model, tokenizer, "full", max_tokens=1)
+    fresh = ChatSession(model, tokenizer, "full", SYSTEM, max_tokens=1)
     fresh.messages = [dict(m) for m in history]
     animal = ANIMALS[ASK_ORDER[turn]]
     return next(iter(fresh.send(question(animal)))).prefill_s
@@ -104,26 +119,42 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--doc-tokens", type=int, default=None)
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated (full always runs first)")
+    parser.add_argument("--reread", default=None,
+                        help="turns (0-based) at which re-reading the conversation is timed "
+                        "(default: the second and the last)")
     args = parser.parse_args()
     quick = args.quick
     doc_tokens = args.doc_tokens or (2000 if quick else 6000)
     log = lambda line: print(line, flush=True)  # noqa: E731
     model, tokenizer = load(args.model)
     document, facts = planted_document(tokenizer, doc_tokens)
-    policies = [("full", {})] + [(p, {"budget_ratio": 1 / 8}) for p in
-                                 (["streaming", "snapkv", "refreshkv"] if quick else
-                                  ["streaming", "snapkv", "h2o", "refreshkv", "mixed"])]
+    names = (args.policies.split(",") if args.policies else
+             ["streaming", "snapkv", "refreshkv"] if quick else
+             ["streaming", "snapkv", "h2o", "refreshkv", "mixed"])
+    policies = [("full", {})] + [(p, {"budget_ratio": 1 / 8}) for p in names if p != "full"]
+    reread_turns = ([int(t) for t in args.reread.split(",")] if args.reread
+                    else [1, len(ASK_ORDER) - 1])
     report = {"benchmark": "multi_turn", "model": model.source, "quick": quick,
               "document_tokens": doc_tokens, "text": Path(TEXT).name, "results": []}
     name = "multi_turn_quick" if quick else "multi_turn"
+    reader, shared_read_s, doc_tokens = read(model, tokenizer, "full", {}, document, 24)
+    log(f"document: {doc_tokens} tokens read in {shared_read_s:.0f} s")
     full_session = None
     for policy, policy_args in policies:
-        session, result = run_policy(model, tokenizer, policy, policy_args, document, facts,
-                                     24, log)
+        shared = reads_prompts_in_full(policy, policy_args)
+        if shared:
+            session, read_s = reader.fork(policy, **policy_args), shared_read_s
+        else:
+            session, read_s, _ = read(model, tokenizer, policy, policy_args, document, 24)
+            log(f"  {policy}: read the document itself in {read_s:.0f} s")
+        session, result = run_policy(session, facts, read_s, doc_tokens, log)
+        result["read_by"] = "the shared full reading" if shared else "itself"
         if policy == "full":
             full_session = session
             result["reread_ttft_s"] = {t: reread_ttft(model, tokenizer, session, t)
-                                       for t in (1, len(ASK_ORDER) - 1)}
+                                       for t in reread_turns}
             log(f"  full, re-reading the conversation: {result['reread_ttft_s']}")
         result["open_rouge_l"] = rouge_l(
             tokenizer.encode(result["open_answer"]),

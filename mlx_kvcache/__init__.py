@@ -11,7 +11,8 @@ warnings.filterwarnings(
 from mlx_kvcache.chat_session import ChatSession  # noqa: E402
 from mlx_kvcache.errors import UserError  # noqa: E402
 from mlx_kvcache.generate import GenerationResponse, generate, stream_generate  # noqa: E402
-from mlx_kvcache.loading import load  # noqa: E402
+from mlx_kvcache.loading import load as _load_resident  # noqa: E402
+from mlx_kvcache.offload import load_offloaded  # noqa: E402
 from mlx_kvcache.policies import POLICIES, make_cache  # noqa: E402
 
 __all__ = [
@@ -24,3 +25,14 @@ __all__ = [
     "make_cache",
     "stream_generate",
 ]
+
+
+def load(name=None, *, dequantize=None, weights_budget=None, offload="layers"):
+    """`model, tokenizer = load("smollm2")`: an alias, a local directory, a .gguf
+    file or a hub repo id. `weights_budget` ("2GB", "1.5GiB", "40%", or bytes)
+    keeps at most that much of the weights in memory and reads the rest from
+    storage when needed (mlx_kvcache.offload); `dequantize` as in
+    mlx_kvcache.loading.load."""
+    if weights_budget is None:
+        return _load_resident(name, dequantize=dequantize)
+    return load_offloaded(name, weights_budget, offload)

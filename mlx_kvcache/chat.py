@@ -13,7 +13,7 @@ import signal
 import sys
 
 from mlx_kvcache.chat_session import ChatSession, TurnInterrupted
-from mlx_kvcache.cli import Parser, add_model_flags, policy_args, run_command
+from mlx_kvcache.cli import Parser, add_model_flags, load_model, policy_args, run_command
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.generate import DEFAULT_PREFILL_STEP
 
@@ -220,13 +220,12 @@ class Repl:
 def run(args) -> None:
     import mlx.core as mx
 
-    from mlx_kvcache.loading import load
 
     asked = args.policy or (args.max_kv_size and "streaming")
     flags = policy_args(args)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer = load(args.model, dequantize=False if args.keep_quantized else None)
+    model, tokenizer = load_model(args)
     sampling = {"max_tokens": args.max_tokens, "temp": args.temp, "top_p": args.top_p,
                 "prefill_step_size": args.prefill_step_size}
     if args.session and os.path.exists(args.session):

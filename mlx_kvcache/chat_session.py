@@ -19,7 +19,7 @@ from mlx_kvcache.cache_file import read_cache, restore, save_cache, snapshot
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.generate import (DEFAULT_PREFILL_STEP, GenerationResponse, make_sampler,
                                   prefill, stream_generate)
-from mlx_kvcache.policies import make_cache, trimmable
+from mlx_kvcache.policies import make_cache, reads_prompts_in_full, take_over, trimmable
 
 SESSION_FORMAT = "mlx_kvcache.chat/1"
 
@@ -116,6 +116,25 @@ class ChatSession:
                 self.cached_text += self.tokenizer.convert_ids_to_tokens(response.token)
             self.turn_ends.append((len(self.cached_text), self.context_used()))
             self.last_reply = response
+
+    def fork(self, policy: str, **policy_args) -> "ChatSession":
+        """This session as if it had been run under `policy` from the start,
+        without reading its documents again: the new cache starts from this
+        one's keys and values. Exact (tests) while this session is `full`
+        and has only read (documents, no reply yet), for a policy that reads
+        prompts in full (full, SnapKV, RefreshKV); anything else is refused."""
+        if self.policy != "full" or self.last_reply is not None:
+            raise UserError("only a full session that has not replied yet can be forked")
+        if not reads_prompts_in_full(policy, policy_args):
+            raise UserError(f"{policy} does not read prompts in full: it must read the "
+                            "documents itself")
+        other = ChatSession(self.model, self.tokenizer, policy, self.system_prompt,
+                            max_tokens=self.max_tokens, temp=self.temp, top_p=self.top_p,
+                            prefill_step_size=self.prefill_step_size, **policy_args)
+        take_over(other.cache, self.cache)
+        other.messages = [dict(m) for m in self.messages]
+        other.cached_text, other.turn_ends = self.cached_text, list(self.turn_ends)
+        return other
 
     @contextmanager
     def _turn(self):

@@ -6,6 +6,8 @@ import sys
 
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.files import replaced_atomically
+from mlx_kvcache.loading import load
+from mlx_kvcache.offload import load_offloaded
 from mlx_kvcache.policies import POLICIES, parameters
 
 
@@ -79,7 +81,22 @@ def add_model_flags(parser, *, max_tokens: int, prefill_step: int) -> None:
     parser.add_argument("--keep-quantized", action="store_true",
                         help="keep quantized weights quantized on the CPU backend "
                         "(by default they are dequantized to float32 there)")
+    parser.add_argument("--weights-budget", default=None, metavar="SIZE",
+                        help="at most this much of the weights in memory (2GB, 1.5GiB, 40%%), "
+                        "the rest read from storage when needed (--offload)")
+    parser.add_argument("--offload", default="layers", choices=["layers"],
+                        help="with --weights-budget: what is read from storage (layers: "
+                        "whole layers in order of use, exact)")
     add_policy_flags(parser)
+
+
+def load_model(args):
+    """(model, tokenizer) as the model flags ask: resident, or offloaded."""
+    if args.weights_budget is None:
+        return load(args.model, dequantize=False if args.keep_quantized else None)
+    if args.keep_quantized:
+        raise UserError("--weights-budget reads float weights: drop --keep-quantized")
+    return load_offloaded(args.model, args.weights_budget, args.offload)
 
 
 def policy_args(args) -> dict:

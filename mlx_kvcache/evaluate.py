@@ -25,7 +25,8 @@ import mlx.core as mx
 from mlx_kvcache.cli import Parser, add_policy_flags, number, write_json_atomic
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.generate import prefill as feed
-from mlx_kvcache.policies import POLICIES, make_cache, parameters
+from mlx_kvcache.policies import (POLICIES, make_cache, parameters, reads_prompts_in_full,
+                                   take_over)
 
 PREFILL_STEP = 2048
 
@@ -85,12 +86,7 @@ FORK_TAIL = 64
 
 
 def continues_full_prefill(spec: PolicySpec) -> bool:
-    """Whether `spec`'s prompt chunks are full attention over every token, its
-    cache then holding exactly the full cache's keys and values (full, SnapKV,
-    RefreshKV over an unquantized cache): such a policy can continue from a
-    full cache's prefill instead of repeating it (tests/test_evaluate.py)."""
-    return spec.name in ("full", "snapkv") or (
-        spec.name == "refreshkv" and spec.args.get("full_cache_bits") is None)
+    return reads_prompts_in_full(spec.name, spec.args)
 
 
 def continue_from_full(model, spec: PolicySpec, full_cache: list, prompt: List[int]) -> list:
@@ -103,9 +99,7 @@ def continue_from_full(model, spec: PolicySpec, full_cache: list, prompt: List[i
         raise ValueError(f"{spec.label()} cannot continue a full prefill at {offset} "
                          f"of {len(prompt)} tokens")
     cache = spec.cache(model, len(prompt))
-    for layer, full in zip(cache, full_cache):
-        layer.state = full.state
-        layer.offset = full.offset
+    take_over(cache, full_cache)
     model(mx.array(prompt[offset:-1])[None], cache=cache)
     mx.eval([c.state for c in cache])
     return cache

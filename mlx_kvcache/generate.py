@@ -13,7 +13,8 @@ from typing import Callable, Iterator, List, Optional, Union
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_kvcache.cli import Parser, add_model_flags, policy_args, run_command, write_json_atomic
+from mlx_kvcache.cli import (Parser, add_model_flags, load_model, policy_args, run_command,
+                             write_json_atomic)
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.policies import make_cache
 
@@ -230,8 +231,6 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def run(args) -> None:
-    from mlx_kvcache.loading import load
-
     policy_flags = policy_args(args)
     if args.stats_json:
         stats_dir = os.path.dirname(os.path.abspath(args.stats_json))
@@ -242,7 +241,7 @@ def run(args) -> None:
         mx.random.seed(args.seed)
 
     t0 = time.perf_counter()
-    model, tokenizer = load(args.model, dequantize=False if args.keep_quantized else None)
+    model, tokenizer = load_model(args)
     if args.verbose:
         print(f"loaded {model.source} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     ids = _prompt_ids(tokenizer, args, text)
@@ -281,6 +280,13 @@ def run(args) -> None:
         f" | peak memory {response.peak_memory / 2**20:.1f} MiB",
         file=sys.stderr,
     )
+    offload = getattr(model, "offload", None)
+    if offload is not None:
+        stats["offload"] = o = offload.stats()
+        print(f"  weights: budget {o['budget_bytes'] / 2**20:.0f} MiB of "
+              f"{o['weight_bytes'] / 2**20:.0f} MiB, {o['pinned_units']} units resident, "
+              f"{o['streamed_units']} streamed ({o['streamed_bytes_per_pass'] / 2**20:.0f} MiB "
+              f"read per forward pass), {o['read_seconds']:.1f} s reading", file=sys.stderr)
     windows = model.sliding_windows
     layer_stats = [layer.stats() for layer in cache]
     if any(windows):

@@ -127,6 +127,15 @@ def _directory_quantization(config: dict, weights: dict) -> dict:
     return quant
 
 
+def load_tokenizer(path: Path):
+    """The tokenizer of a resolved model path, without its weights."""
+    if path.suffix == ".gguf":
+        from mlx_kvcache.gguf_tokenizer import load_tokenizer as from_metadata
+
+        return from_metadata(gguf.read_header(path)[0])
+    return _load_directory_tokenizer(path)
+
+
 def _load_directory_tokenizer(path: Path):
     from mlx_lm.utils import load_tokenizer
 

@@ -103,15 +103,42 @@ def test_a_re_rendered_last_turn_is_trimmed_where_the_policy_can(smollm2, policy
     assert answer == expected
     assert session.last_reply.prompt_tokens == never_told.last_reply.prompt_tokens
     # The same tokens and selection; only the step counters (stats) differ.
-    counters = ("full_steps", "partial_steps")
-    for (record, arrays), (other, other_arrays) in zip(snapshot(session.cache),
-                                                       snapshot(never_told.cache)):
-        assert {k: v for k, v in record["scalars"].items() if k not in counters} == {
-            k: v for k, v in other["scalars"].items() if k not in counters}
-        assert arrays.keys() == other_arrays.keys()
-        assert all(mx.array_equal(arrays[k], other_arrays[k]) for k in arrays)
+    same_cache(session, never_told)
     assert session.messages == never_told.messages
     assert session.cached_text == never_told.cached_text
+
+
+def same_cache(session, other):
+    """Every array of every layer equal, and the scalars but step counters."""
+    counters = ("full_steps", "partial_steps")
+    for (record, arrays), (other_record, other_arrays) in zip(snapshot(session.cache),
+                                                             snapshot(other.cache)):
+        assert {k: v for k, v in record["scalars"].items() if k not in counters} == {
+            k: v for k, v in other_record["scalars"].items() if k not in counters}
+        assert arrays.keys() == other_arrays.keys()
+        assert all(mx.array_equal(arrays[k], other_arrays[k]) for k in arrays)
+
+
+@pytest.mark.parametrize("policy, args", [("snapkv", {"budget": 48, "window": 8}),
+                                          ("refreshkv", {"budget": 32})], ids=str)
+def test_a_forked_session_is_the_one_that_read_the_document_itself(smollm2, policy, args):
+    """A document read once under full serves every policy that reads prompts in
+    full (the multi-turn benchmark relies on it)."""
+    model, tokenizer = smollm2
+    document = open(GPL).read()[:2500]
+    reader = ChatSession(model, tokenizer, "full", max_tokens=10)
+    reader.add_document(document)
+    forked = reader.fork(policy, **args)
+    itself = ChatSession(model, tokenizer, policy, max_tokens=10, **args)
+    itself.add_document(document)
+    for question in QUESTIONS[:2]:
+        assert reply(forked, question) == reply(itself, question)
+    same_cache(forked, itself)
+    assert forked.cached_text == itself.cached_text and forked.turn_ends == itself.turn_ends
+    with pytest.raises(UserError, match="has not replied"):
+        forked.fork("full")
+    with pytest.raises(UserError, match="streaming does not read prompts in full"):
+        reader.fork("streaming", budget=48)
 
 
 @pytest.mark.parametrize("policy, args", SETTINGS, ids=lambda x: str(x))

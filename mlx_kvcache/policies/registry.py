@@ -56,3 +56,21 @@ def sliding_windows(model) -> list:
 
 def sliding_window_cache(window: int):
     return POLICIES["streaming"](budget=window, sinks=0)
+
+
+def reads_prompts_in_full(policy: str, policy_args: dict) -> bool:
+    """Whether the policy reads prompt chunks with full attention over every
+    token and keeps them all (full, SnapKV, RefreshKV over an unquantized
+    cache): its cache after reading a prompt holds exactly the full cache's
+    keys and values, so it can continue from a full cache's reading instead of
+    repeating it (tests/test_evaluate.py, tests/test_chat.py)."""
+    return policy in ("full", "snapkv") or (
+        policy == "refreshkv" and policy_args.get("full_cache_bits") is None)
+
+
+def take_over(cache: list, full_cache: list) -> None:
+    """Give each layer of a fresh `cache` what a full cache's layer holds
+    (valid where `reads_prompts_in_full`)."""
+    for layer, full in zip(cache, full_cache):
+        layer.state = full.state
+        layer.offset = full.offset

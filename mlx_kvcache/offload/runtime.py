@@ -1,0 +1,248 @@
+"""Exact weight offloading (`--offload layers`): at most a budget of weight
+bytes resident, the rest read from the layout when a layer needs it.
+
+A forward pass visits the units in one fixed cycle (layer 0..N-1, then the
+output head), token after token. Under a cyclic scan an LRU evicts exactly
+the unit needed next, and re-reads everything once the budget is below the
+whole model. So the resident set is planned instead: units are pinned in
+order of use while they fit, the rest stream through a reserve of one unit
+(two with prefetching, the next unit read by a background thread while the
+current one computes). That reads the least a budget allows per token,
+(weights - pinned) bytes, the physical limit's numerator.
+
+Each streamed layer is evaluated before its weights are dropped (MLX is lazy:
+a graph holding them would keep them alive), so memory stays within budget
+at the price of one synchronisation per layer. The embedding table is never
+resident: the rows of the tokens in use are read. Greedy output is token for
+token that of the resident model (tests/test_offload.py).
+"""
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from mlx_kvcache.errors import UserError
+from mlx_kvcache.offload import layout as layout_file
+
+EMPTY = mx.zeros((0,))
+
+
+@dataclass
+class Counters:
+    bytes_read: int = 0
+    unit_reads: int = 0
+    row_bytes_read: int = 0
+    read_seconds: float = 0.0
+
+
+@dataclass
+class Plan:
+    pinned: List[str]
+    streamed: List[str]
+    prefetch: bool
+    resident_bytes: int  # the most the plan holds at once
+
+
+def plan(layout: layout_file.Layout, budget: int) -> Plan:
+    """Which units stay resident under `budget` bytes. Bytes read per token
+    are the streamed units' sum, so as many bytes as possible are pinned,
+    largest first (a tied output head is often the largest unit: pinned, it
+    no longer sets the size of the streaming reserve)."""
+    cycle = [n for n in layout.units if n.startswith("layer.")] + ["head" if "head" in
+                                                                   layout.units else "embed"]
+    sizes = {n: layout.units[n].nbytes for n in cycle}
+    always = layout.units["rest"].nbytes
+    if always + sum(sizes.values()) <= budget:
+        return Plan(cycle, [], False, always + sum(sizes.values()))
+    for prefetch in (True, False):
+        slots = 2 if prefetch else 1
+        pinned, held = [], always
+        for name in sorted(cycle, key=lambda n: -sizes[n]):
+            others = [sizes[n] for n in cycle if n != name and n not in pinned]
+            if held + sizes[name] + slots * max(others, default=0) <= budget:
+                pinned.append(name)
+                held += sizes[name]
+        streamed = [n for n in cycle if n not in pinned]
+        reserve = slots * max(sizes[n] for n in streamed)
+        if held + reserve <= budget:
+            return Plan([n for n in cycle if n in pinned], streamed, prefetch, held + reserve)
+    largest = max(cycle, key=lambda n: sizes[n])
+    what = "its output head" if largest in ("head", "embed") else "one layer"
+    raise UserError(f"a weights budget of {_mib(budget)} is smaller than {what} of this model "
+                    f"({_mib(always + sizes[largest])} with its norms)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+class WeightStore:
+    """The units' weights: pinned ones read once, streamed ones per use."""
+
+    def __init__(self, layout: layout_file.Layout, budget: int):
+        self.layout = layout
+        self.plan = plan(layout, budget)
+        self.budget = budget
+        self.fd = os.open(layout.path, os.O_RDONLY)
+        self.counters = Counters()
+        self.resident: Dict[str, Dict[str, mx.array]] = {}
+        self.pending: Dict[str, Future] = {}
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload-reader")
+        self.lock = threading.Lock()
+        cycle = self.plan.pinned + self.plan.streamed
+        order = [n for n in self.layout.units if n in cycle]
+        self.next_unit = {a: b for a, b in zip(order, order[1:] + order[:1])}
+        self.resident["rest"] = self._read("rest")
+        for name in self.plan.pinned:
+            self.resident[name] = self._read(name)
+
+    def _read_numpy(self, name: str):
+        import time
+
+        start = time.perf_counter()
+        arrays = layout_file.read_unit(self.fd, self.layout.units[name])
+        with self.lock:
+            self.counters.bytes_read += self.layout.units[name].nbytes
+            self.counters.unit_reads += 1
+            self.counters.read_seconds += time.perf_counter() - start
+        return arrays
+
+    def _read(self, name: str) -> Dict[str, mx.array]:
+        return self._to_mlx(name, self._read_numpy(name))
+
+    def _to_mlx(self, name, arrays):
+        dtypes = {t.name: t.dtype for t in self.layout.units[name].tensors}
+        weights = layout_file.to_mlx(arrays, dtypes)
+        mx.eval(weights)
+        return layout_file.unbundle_ffn(weights)
+
+    def acquire(self, name: str) -> Dict[str, mx.array]:
+        """The unit's weights; a streamed unit is read now unless prefetched."""
+        if name in self.resident:
+            weights = self.resident[name]
+        elif name in self.pending:
+            weights = self._to_mlx(name, self.pending.pop(name).result())
+        else:
+            weights = self._read(name)
+        if self.plan.prefetch:
+            following = self.next_unit.get(name)
+            if (following in self.plan.streamed and following not in self.pending
+                    and following != name):
+                self.pending[following] = self.reader.submit(self._read_numpy, following)
+        return weights
+
+    def rows(self, tokens: List[int]) -> mx.array:
+        """Embedding rows of `tokens`, read from the layout (never resident)."""
+        unique = sorted(set(tokens))
+        table = layout_file.read_rows(self.fd, self.layout.units["embed"], unique)
+        self.counters.row_bytes_read += table.nbytes
+        (tensor,) = self.layout.units["embed"].tensors
+        rows = layout_file.to_mlx({"weight": table}, {"weight": tensor.dtype})["weight"]
+        where = {t: i for i, t in enumerate(unique)}
+        return rows[mx.array([where[t] for t in tokens])]
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True)
+        os.close(self.fd)
+
+
+class OffloadedLayer(nn.Module):
+    """A transformer block whose weights come from the store for each call."""
+
+    def __init__(self, block: nn.Module, store: WeightStore, unit: str):
+        super().__init__()
+        self.block = block
+        self._store, self._unit = store, unit
+        _drop(block)
+
+    def __call__(self, x, mask=None, cache=None):
+        weights = self._store.acquire(self._unit)
+        self.block.update(tree_unflatten(list(weights.items())))
+        out = self.block(x, mask, cache)
+        if self._unit not in self._store.resident:
+            mx.eval(out)
+            _drop(self.block)
+        return out
+
+
+class OffloadedEmbedding(nn.Module):
+    """Embedding rows read per call; as the tied output head, the whole table."""
+
+    def __init__(self, store: WeightStore):
+        super().__init__()
+        self._store = store
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        flat = tokens.reshape(-1).tolist()
+        return self._store.rows(flat).reshape(*tokens.shape, -1)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _head(self._store, x)
+
+
+class OffloadedHead(nn.Module):
+    def __init__(self, store: WeightStore):
+        super().__init__()
+        self._store = store
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _head(self._store, x)
+
+
+def _head(store: WeightStore, x: mx.array) -> mx.array:
+    name = "head" if "head" in store.layout.units else "embed"
+    weight = store.acquire(name)["weight"]
+    out = x @ weight.T
+    if name not in store.resident:
+        mx.eval(out)
+    return out
+
+
+def _drop(module: nn.Module) -> None:
+    from mlx.utils import tree_map
+
+    module.update(tree_map(lambda _: EMPTY, module.parameters()))
+
+
+@dataclass
+class OffloadInfo:
+    """What `load(..., weights_budget=...)` attaches to the model as `offload`."""
+
+    store: WeightStore
+    mode: str = "layers"
+    notes: List[str] = field(default_factory=list)
+
+    def stats(self) -> dict:
+        c, p = self.store.counters, self.store.plan
+        return {"mode": self.mode, "budget_bytes": self.store.budget,
+                "weight_bytes": self.store.layout.weight_bytes,
+                "pinned_units": len(p.pinned), "streamed_units": len(p.streamed),
+                "prefetch": p.prefetch, "planned_resident_bytes": p.resident_bytes,
+                "streamed_bytes_per_pass": sum(self.store.layout.units[n].nbytes
+                                               for n in p.streamed),
+                "bytes_read": c.bytes_read, "unit_reads": c.unit_reads,
+                "embedding_row_bytes_read": c.row_bytes_read, "read_seconds": c.read_seconds}
+
+
+def attach(model: nn.Module, layout: layout_file.Layout, budget: int) -> nn.Module:
+    """Replace the model's weights with offloaded units under `budget`."""
+    store = WeightStore(layout, budget)
+    inner = model.model
+    for i, block in enumerate(inner.layers):
+        inner.layers[i] = OffloadedLayer(block, store, f"layer.{i}")
+    rest = store.resident["rest"]
+    model.update(tree_unflatten([(k, v) for k, v in rest.items()]))
+    inner.embed_tokens = OffloadedEmbedding(store)
+    if "head" in layout.units:
+        model.lm_head = OffloadedHead(store)
+    # MLX keeps freed buffers for reuse; beyond one streamed unit that would
+    # hold memory the budget does not allow.
+    mx.set_cache_limit(max((u.nbytes for u in layout.units.values()), default=0))
+    model.offload = OffloadInfo(store)
+    return model

@@ -1,0 +1,191 @@
+"""Weight offloading: the layout (bundled FFN, checksums, atomic, space
+checked), the resident-set plan, exact mode token for token against the
+resident model on SmolLM2, memory within the budget, and one-line errors."""
+
+import gc
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_kvcache import UserError, load, make_cache
+from mlx_kvcache.generate import generate_step
+from mlx_kvcache.offload import LAYOUT_DIR, layout_path, parse_budget, prepare
+from mlx_kvcache.offload import layout as layout_file
+from mlx_kvcache.offload.runtime import plan
+from tests.helpers import tiny_model, write_gguf
+
+PROMPT = "The capital of France is"
+
+
+def greedy(model, prompt_ids, n=16):
+    steps = generate_step(prompt_ids, model, make_cache(model, "full"), make_sampler(0.0))
+    return [next(steps) for _ in range(n)]
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv(LAYOUT_DIR, str(tmp_path / "layouts"))
+    model = tiny_model("qwen2", layers=4)
+    return write_gguf(tmp_path / "tiny.gguf", model), model
+
+
+def test_budget_sizes():
+    assert parse_budget("2GB", 0) == 2 * 10**9
+    assert parse_budget("1.5GiB", 0) == 3 * 2**29
+    assert parse_budget("800 MB", 0) == 800 * 10**6
+    assert parse_budget("40%", 1000) == 400
+    for bad in ("lots", "0%", "150%", "-1GB", ""):
+        with pytest.raises(UserError):
+            parse_budget(bad, 1000)
+
+
+def test_the_layout_holds_the_weights_bundled_and_checked(tiny_gguf):
+    path, _ = tiny_gguf
+    model, _ = load(str(path))
+    written = prepare(str(path))
+    layout = layout_file.read(written)
+    names = list(layout.units)
+    assert names == ["embed"] + [f"layer.{i}" for i in range(4)] + ["rest"]  # tied head
+    assert layout.tied and layout.config["model_type"] == "qwen2"
+    params = dict(tree_flatten(model.parameters()))
+    fd = os.open(written, os.O_RDONLY)
+    try:
+        unit = layout.units["layer.2"]
+        raw = layout_file.read_unit(fd, unit)
+        # Neuron i: its gate row, up row and down column, side by side.
+        bundle = mx.array(raw["mlp.bundle"])
+        assert mx.array_equal(bundle[5, 0], params["model.layers.2.mlp.gate_proj.weight"][5])
+        assert mx.array_equal(bundle[5, 2], params["model.layers.2.mlp.down_proj.weight"][:, 5])
+        weights = layout_file.unbundle_ffn(layout_file.to_mlx(
+            raw, {t.name: t.dtype for t in unit.tensors}))
+        for name, array in weights.items():
+            assert mx.array_equal(array, params[f"model.layers.2.{name}"]), name
+        rows = layout_file.read_rows(fd, layout.units["embed"], [7, 3])
+        assert mx.array_equal(mx.array(rows), params["model.embed_tokens.weight"][mx.array([7, 3])])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("budget", ["100%", "60%", "30%"])
+def test_a_tiny_model_offloaded_is_token_identical(tiny_gguf, budget):
+    path, _ = tiny_gguf
+    model, tokenizer = load(str(path))
+    ids = tokenizer.encode("hello there")
+    offloaded, _ = load(str(path), weights_budget=budget)
+    assert greedy(offloaded, ids) == greedy(model, ids)
+    stats = offloaded.offload.stats()
+    assert stats["streamed_units"] == (0 if budget == "100%" else stats["streamed_units"])
+    if budget != "100%":
+        assert stats["streamed_units"] > 0 and stats["bytes_read"] > stats["weight_bytes"]
+
+
+def sizes_layout(sizes, rest=10, head=None):
+    units = {"embed": layout_file.Unit("embed", [], 0, 50, 0)}
+    offset = 50
+    for i, size in enumerate(sizes):
+        units[f"layer.{i}"] = layout_file.Unit(f"layer.{i}", [], offset, offset + size, 0)
+        offset += size
+    if head:
+        units["head"] = layout_file.Unit("head", [], offset, offset + head, 0)
+        offset += head
+    units["rest"] = layout_file.Unit("rest", [], offset, offset + rest, 0)
+    return layout_file.Layout(None, {}, "", head is None, units)
+
+
+def test_the_plan_pins_the_most_bytes_the_budget_allows():
+    layout = sizes_layout([100] * 8, head=400)
+    everything = plan(layout, 10 + 800 + 400)
+    assert everything.streamed == [] and not everything.prefetch
+    # 700 bytes: the head (the largest) pinned, two layers streaming reserve.
+    half = plan(layout, 710)
+    assert "head" in half.pinned and half.prefetch and half.resident_bytes <= 710
+    assert len(half.pinned) == 2 and len(half.streamed) == 7
+    # Room for the head and one streamed layer only: no prefetch.
+    tight = plan(layout, 10 + 400 + 100)
+    assert not tight.prefetch and tight.pinned == ["head"] and tight.resident_bytes == 510
+    with pytest.raises(UserError, match="smaller than its output head of this model"):
+        plan(layout, 409)
+    with pytest.raises(UserError, match="smaller than one layer"):
+        plan(sizes_layout([100] * 8, head=50), 100)
+
+
+def test_smollm2_offloaded_is_token_identical_and_within_budget(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer.encode(PROMPT)
+    want = greedy(model, ids)
+    for budget in ("50%", "25%"):
+        gc.collect()
+        before = mx.get_active_memory()  # the resident model of the fixture
+        mx.reset_peak_memory()
+        offloaded, _ = load("smollm2", weights_budget=budget)
+        cache = make_cache(offloaded, "full")
+        steps = generate_step(ids, offloaded, cache, make_sampler(0.0))
+        got = [next(steps) for _ in range(len(want))]
+        assert got == want, budget
+        stats = offloaded.offload.stats()
+        kv = sum(c.nbytes for c in cache)
+        # Stated overhead: the streamed unit's unbundled down projection and
+        # the step's activations, within 32 MiB here.
+        peak = mx.get_peak_memory() - before
+        assert peak <= stats["budget_bytes"] + kv + (32 << 20), (budget, peak)
+        assert stats["streamed_units"] > 0
+        offloaded.offload.store.close()
+        del offloaded, cache, steps
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mlx_kvcache.generate", *args],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_the_cli_with_a_budget_writes_what_it_writes_without(smollm2):
+    args = ["--prompt", PROMPT, "--max-tokens", "12"]
+    resident = run_cli(*args)
+    offloaded = run_cli(*args, "--weights-budget", "40%", "--offload", "layers")
+    assert resident.returncode == 0 and offloaded.returncode == 0, offloaded.stderr
+    assert offloaded.stdout == resident.stdout
+    assert "weights: budget" in offloaded.stderr and "streamed" in offloaded.stderr
+
+
+def test_bad_layouts_and_budgets_are_one_line(tiny_gguf, tmp_path, monkeypatch):
+    path, _ = tiny_gguf
+    target = prepare(str(path))
+    # Too small a budget.
+    done = run_cli("--model", str(path), "--prompt", "hi", "--weights-budget", "1KB")
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
+    assert "is smaller than" in done.stderr
+    # A layer's bytes damaged: the checksum says so when it is read.
+    data = bytearray(target.read_bytes())
+    layout = layout_file.read(target)
+    data[layout.units["layer.1"].start + 11] ^= 0xFF
+    target.write_bytes(bytes(data))
+    done = run_cli("--model", str(path), "--prompt", "hi", "--weights-budget", "30%")
+    assert done.returncode == 1 and "layer.1 fails its checksum" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    # Truncated: refused before any read.
+    target.write_bytes(bytes(data[: len(data) // 2]))
+    done = run_cli("--model", str(path), "--prompt", "hi", "--weights-budget", "30%")
+    assert done.returncode == 1 and "damaged offload layout" in done.stderr
+    # Not a layout at all.
+    target.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}        ")
+    done = run_cli("--model", str(path), "--prompt", "hi", "--weights-budget", "30%")
+    assert done.returncode == 1 and "damaged offload layout" in done.stderr
+
+
+def test_a_full_disk_is_refused_and_leaves_nothing(tiny_gguf, monkeypatch):
+    path, _ = tiny_gguf
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6, 1000))
+    with pytest.raises(UserError, match="MiB needed"):
+        prepare(str(path))
+    folder = layout_path(path).parent
+    assert not folder.exists() or list(folder.iterdir()) == []
