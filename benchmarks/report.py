@@ -330,6 +330,37 @@ def multi_turn_table(result) -> str:
     return "\n".join(lines)
 
 
+def offload_table(result) -> str:
+    lines = [f"Exact weight offloading (`--offload layers`): greedy decoding of "
+             f"{result['decode_tokens']} tokens after a chat prompt, each configuration in a "
+             f"fresh process with the layout dropped from the page cache before it and after "
+             f"every unit read. Limit: the bytes the budget leaves out per token over the "
+             f"disk's sequential read bandwidth (measured on the same file). {where(result)}", ""]
+    for entry in result["models"]:
+        lines += [f"**{entry['model']}**: layout {entry['layout_bytes'] / 2**20:.0f} MiB (float32),"
+                  f" disk read {entry['disk_read_gbs']:.2f} GB/s.", "",
+                  "| weights | ms/token | MiB read/token | read GB/s | limit ms/token "
+                  "| vs limit | peak RSS MiB | MLX peak MiB | tokens as resident |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for run in entry["runs"]:
+            if run["budget"] == "resident":
+                lines.append(f"| resident | {run['decode_ms_per_token']:.0f} | 0 | — | — | — | "
+                             f"{run['peak_rss_bytes'] / 2**20:.0f} | "
+                             f"{run['peak_mlx_bytes'] / 2**20:.0f} | — |")
+                continue
+            name = ("naive (all re-read)" if run["budget"] == "naive"
+                    else f"budget {run['budget']}")
+            gbs = f"{run['read_gbs']:.2f}" if run.get("read_gbs") else "—"
+            lines.append(
+                f"| {name} | {run['decode_ms_per_token']:.0f} | "
+                f"{run['bytes_read_per_token'] / 2**20:.0f} | {gbs} | "
+                f"{run['limit_ms_per_token']:.0f} | {run['ratio_to_limit']:.2f}x | "
+                f"{run['peak_rss_bytes'] / 2**20:.0f} | {run['peak_mlx_bytes'] / 2**20:.0f} | "
+                f"{'yes' if run['identical_to_resident'] else 'NO'} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -341,7 +372,7 @@ def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
     return name
 
 
-def plots(speed, fidelity, growing, long_context=None) -> list:
+def plots(speed, fidelity, growing, long_context=None, tradeoff=None) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,6 +439,23 @@ def plots(speed, fidelity, growing, long_context=None) -> list:
         made.append(save_plot(fig, ax, "long_context_speed.png", xlabel="context (tokens)",
                               ylabel="decode ms/token / full's",
                               title="Below 1: the policy's decode step is cheaper than full's"))
+    if tradeoff:
+        # RefreshKV's settings at one context: quality against cost.
+        context = tradeoff["lengths"][0]
+        rows = long_context_rows(tradeoff)[context]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, (ratio, _, ms, _) in rows.items():
+            color = ("black" if name in ("full", "mlx-lm KVCache") else
+                     "tab:blue" if name.startswith("refreshkv") else "tab:red")
+            ax.scatter(ms, ratio, color=color)
+            ax.annotate(name.replace("refreshkv", "R").replace("refresh=", "")
+                        .replace("refresh_every=", "every ").replace("refresh_mode=", ""),
+                        (ms, ratio), fontsize=6)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        made.append(save_plot(
+            fig, ax, "long_context_tradeoff.png", xlabel="decode ms/token",
+            ylabel="perplexity / full", legend=False,
+            title=f"RefreshKV's settings at {context // 1024}K tokens on Qwen2.5-Coder-0.5B"))
     return made
 
 
@@ -424,6 +472,10 @@ TABLES = {
     "long_context": ("long_context", long_context_table,
                      "\n\n![decode vs full]({results}/long_context_speed.png)"),
     "long_context_quick": ("long_context_quick", long_context_table, ""),
+    "long_context_tradeoff": ("long_context_tradeoff", long_context_table,
+                              "\n\n![RefreshKV trade-off at 8K]({results}/long_context_tradeoff.png)"),
+    "offload": ("offload", offload_table, ""),
+    "offload_quick": ("offload_quick", offload_table, ""),
     "multi_turn": ("multi_turn", multi_turn_table, ""),
     "multi_turn_quick": ("multi_turn_quick", multi_turn_table, ""),
 }
@@ -451,7 +503,8 @@ def sections() -> dict:
         (RESULTS / "growing_context.md").write_text(table + "\n")
         out["growing_context"] = (table + "\n\n![growing context]"
                                   "({results}/growing_context.png)")
-    plots(load("speed_cpu"), load("fidelity"), growing, load("long_context"))
+    plots(load("speed_cpu"), load("fidelity"), growing, load("long_context"),
+          load("long_context_tradeoff"))
     return out
 
 

@@ -1,0 +1,174 @@
+"""Weight offloading measured honestly: exact mode (`--offload layers`) at
+weight budgets of 25%, 50% and 75% beside the fully resident model and the
+naive baseline ("LLM in a flash"'s: every weight read again for every token).
+
+Each configuration runs in its own process, with the layout file dropped from
+the page cache first (posix_fadvise DONTNEED; a warm page cache is not
+storage) and again after every read of a unit, so every byte counted as read
+came from the disk. Per configuration: bytes read per decoded token, decode
+ms/token, the achieved read bandwidth, peak RSS and MLX peak memory, and
+whether the greedy tokens equal the resident model's. The physical limit: at
+budget b a token cannot take less than the bytes the budget leaves out
+divided by the disk's sequential read bandwidth, measured here on the same
+file the same way.
+
+    python benchmarks/offload.py --quick        # SmolLM2
+    python benchmarks/offload.py                # SmolLM2 and Qwen2.5-Coder-0.5B
+
+Writes benchmarks/results/offload.json (offload_quick.json).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+from common import write_result
+
+from mlx_kvcache import load, make_cache
+from mlx_kvcache.generate import generate_step, make_sampler
+from mlx_kvcache.offload import layout_path, prepare
+from mlx_kvcache.offload import runtime
+from mlx_kvcache.loading import resolve
+
+PROMPT = "Write a Python function that returns the square of x."
+BUDGETS = ["25%", "50%", "75%"]
+DECODE_TOKENS = 16
+READ_BLOCK = 16 << 20
+
+
+def drop_from_page_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_read_gbs(path, repeats: int = 3) -> float:
+    """Sequential read of the whole file from storage, best of `repeats`."""
+    best = 0.0
+    for _ in range(repeats):
+        drop_from_page_cache(path)
+        fd = os.open(path, os.O_RDONLY)
+        total, start = 0, time.perf_counter()
+        try:
+            while block := os.pread(fd, READ_BLOCK, total):
+                total += len(block)
+        finally:
+            os.close(fd)
+        best = max(best, total / (time.perf_counter() - start) / 1e9)
+    drop_from_page_cache(path)
+    return best
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def run_one(model_name: str, budget: str) -> dict:
+    """One configuration, in this (fresh) process."""
+    if budget == "naive":
+        # Nothing pinned, nothing prefetched: every unit read for every token.
+        def naive_plan(layout, _budget):
+            cycle = [n for n in layout.units if n.startswith("layer.")] + [
+                "head" if "head" in layout.units else "embed"]
+            largest = max(layout.units[n].nbytes for n in cycle)
+            return runtime.Plan([], cycle, False, layout.units["rest"].nbytes + largest)
+        runtime.plan = naive_plan
+    drop_from_page_cache(layout_path(resolve(model_name)))
+    reset_peak_rss()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    if budget == "resident":
+        model, tokenizer = load(model_name)
+    else:
+        model, tokenizer = load(model_name, weights_budget="100%" if budget == "naive" else budget)
+    load_s = time.perf_counter() - t0
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                        add_generation_prompt=True)
+    cache = make_cache(model, "full")
+    steps = generate_step(ids, model, cache, make_sampler(0.0))
+    tokens = [next(steps)]  # prefill and the first token
+    offload = getattr(model, "offload", None)
+    read_before = offload.store.counters.bytes_read if offload else 0
+    read_s_before = offload.store.counters.read_seconds if offload else 0.0
+    start = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        tokens.append(next(steps))
+    decode_s = time.perf_counter() - start
+    result = {"model": model_name, "budget": budget, "load_s": load_s,
+              "decode_ms_per_token": decode_s / DECODE_TOKENS * 1e3, "tokens": tokens,
+              "peak_rss_bytes": peak_rss_bytes(), "peak_mlx_bytes": mx.get_peak_memory(),
+              "kv_bytes": sum(c.nbytes for c in cache)}
+    if offload:
+        c = offload.store.counters
+        result.update(offload.stats())
+        result["bytes_read_per_token"] = (c.bytes_read - read_before) / DECODE_TOKENS
+        seconds = c.read_seconds - read_s_before
+        result["read_gbs"] = (c.bytes_read - read_before) / seconds / 1e9 if seconds else None
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default=None)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "BUDGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one)))
+        return
+    models = (args.models.split(",") if args.models else
+              ["smollm2"] if args.quick else ["smollm2", "qwen2.5-coder-0.5b"])
+    report = {"benchmark": "offload", "quick": args.quick, "decode_tokens": DECODE_TOKENS,
+              "prompt": PROMPT, "models": []}
+    for model_name in models:
+        layout = prepare(model_name)
+        bandwidth = disk_read_gbs(layout)
+        entry = {"model": model_name, "layout_bytes": layout.stat().st_size,
+                 "disk_read_gbs": bandwidth, "runs": []}
+        print(f"{model_name}: layout {layout.stat().st_size / 2**20:.0f} MiB, disk "
+              f"{bandwidth:.2f} GB/s", flush=True)
+        for budget in ["resident"] + BUDGETS + ["naive"]:
+            done = subprocess.run([sys.executable, __file__, "--one", model_name, budget],
+                                  capture_output=True, text=True, env=os.environ)
+            if done.returncode != 0:
+                raise SystemExit(f"{model_name} at {budget}: {done.stderr.strip()[-500:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            if budget != "resident":
+                left_out = run["streamed_bytes_per_pass"]
+                run["limit_ms_per_token"] = left_out / (bandwidth * 1e9) * 1e3
+                run["ratio_to_limit"] = run["decode_ms_per_token"] / run["limit_ms_per_token"]
+                run["identical_to_resident"] = run["tokens"] == entry["runs"][0]["tokens"]
+            entry["runs"].append(run)
+            print(f"  {budget}: {run['decode_ms_per_token']:.0f} ms/token, peak RSS "
+                  f"{run['peak_rss_bytes'] / 2**20:.0f} MiB"
+                  + (f", {run['bytes_read_per_token'] / 2**20:.0f} MiB read/token, "
+                     f"{run['ratio_to_limit']:.2f}x the limit, identical "
+                     f"{run['identical_to_resident']}" if budget != "resident" else ""),
+                  flush=True)
+        report["models"].append(entry)
+        write_result("offload_quick" if args.quick else "offload", report)
+
+
+if __name__ == "__main__":
+    from mlx_kvcache.process import exit_now
+
+    main()
+    exit_now(0)
