@@ -58,7 +58,7 @@ def tradeoff_at(ratio: float):
         return PolicySpec("refreshkv", {"budget_ratio": ratio, **kw})
 
     return ([refresh(refresh="stride", refresh_every=k) for k in (2, 4, 8, 16)]
-            + [refresh(refresh="stride", refresh_every=4, refresh_mode="score")]
+            + [refresh(refresh="stride", refresh_every=k, refresh_mode="score") for k in (2, 4)]
             + [refresh(refresh="query", qc=2, threshold=t) for t in (0.9, 0.95)]
             # StreamingLLM beats the defaults at 8K on code: is it recency?
             + [refresh(recent=128)])
@@ -156,6 +156,12 @@ def main():
                         help="keep each shared full prefill here (~24 KiB per token) and "
                         "reuse it in later runs: settings can be added without paying "
                         "the prefill again")
+    parser.add_argument("--texts", default=None,
+                        help=f"comma-separated, of {', '.join(TEXTS)} (default: both; --quick: "
+                        "coreutils)")
+    parser.add_argument("--only-first", type=int, default=None, metavar="N",
+                        help="score only the first N of each window's scored tokens (the "
+                        "prompt, and so a kept prefill, stay the same): a timing run")
     parser.add_argument("--name", default=None,
                         help="result file name (default long_context, long_context_quick)")
     args = parser.parse_args()
@@ -163,9 +169,11 @@ def main():
     lengths = sorted(int(x) for x in (args.lengths or ("8192" if quick else "8192,16384"))
                      .split(","))
     ratios = [float(Fraction(r)) for r in (args.ratios or ("1/8" if quick else "1/16,1/8")).split(",")]
-    texts = {"coreutils": TEXTS["coreutils"]} if quick else TEXTS
+    names = args.texts.split(",") if args.texts else ["coreutils"] if quick else list(TEXTS)
+    texts = {name: TEXTS[name] for name in names}
     n_windows = args.windows or 1
     scored = QUICK_SCORED if quick else SCORED
+    measured = min(args.only_first or scored, scored)
     log = lambda line: print(line, flush=True)  # noqa: E731
 
     model, tokenizer = load(MODEL)
@@ -178,7 +186,7 @@ def main():
     shared = [s for s in specs if continues_full_prefill(s)]
     own = [s for s in specs if not continues_full_prefill(s)]
     report = {"benchmark": "long_context", "model": model.source, "quick": quick,
-              "lengths": lengths, "ratios": ratios, "scored": scored,
+              "lengths": lengths, "ratios": ratios, "scored": measured,
               "policies": [s.label() for s in specs] + [reference.label()],
               "prefill": [], "checkpoints": []}
     for text_name, path in texts.items():
@@ -208,16 +216,16 @@ def main():
                     if kept is not None:
                         kept.parent.mkdir(parents=True, exist_ok=True)
                         save_cache(kept, tracks["full"], model)
-                prompt, scored_window = window[:prompt_len], window[:length]
+                prompt, scored_window = window[:prompt_len], window[:prompt_len + measured]
                 results = []
                 for spec in shared:
                     cache = continue_from_full(model, spec, tracks["full"], prompt)
                     results.append({"label": spec.label(), "policy": spec.name,
                                     "args": spec.args,
-                                    **score(model, spec, scored_window, scored, cache, log)})
+                                    **score(model, spec, scored_window, measured, cache, log)})
                 cache = reference.start_from(tracks["full"], prompt)
-                results.append({"label": reference.label(), "policy": reference.name,
-                                "args": {}, **score(twin, reference, scored_window, scored, cache, log)})
+                results.append({"label": reference.label(), "policy": reference.name, "args": {},
+                                **score(twin, reference, scored_window, measured, cache, log)})
                 for spec in own:
                     track = tracks[spec.label()]
                     t0 = time.perf_counter()
@@ -226,7 +234,7 @@ def main():
                         f"({time.perf_counter() - t0:.0f} s)")
                     results.append({"label": spec.label(), "policy": spec.name,
                                     "args": spec.args,
-                                    **score(model, spec, scored_window, scored,
+                                    **score(model, spec, scored_window, measured,
                                             copy.deepcopy(track), log)})
                 full_ppl = results[0]["ppl"]
                 for r in results:

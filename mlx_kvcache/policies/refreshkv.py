@@ -54,9 +54,14 @@ class RefreshKVCache:
     refresh_every: int = field(default=10, metadata={
         "help": "refreshkv --refresh stride, mixed --importance refreshkv: "
                 "steps between refreshes"})
-    qc: int = field(default=5, metadata={
+    # Measured on Qwen2.5-Coder-0.5B at 8K tokens, L/8 (docs/benchmarks.md,
+    # RefreshKV's trade-off): the paper's qc=5 / 0.85 almost never refreshed
+    # there (3% of layer-steps; 1.23x full's perplexity, worse than
+    # StreamingLLM's 1.08x); qc=2 / 0.9 refreshes 9% of layer-steps for 1.06x
+    # at StreamingLLM's cost, 0.95 23% for 1.04x.
+    qc: int = field(default=2, metadata={
         "help": "refreshkv --refresh query: steps between query checks"})
-    threshold: float = field(default=0.85, metadata={
+    threshold: float = field(default=0.9, metadata={
         "help": "refreshkv --refresh query: refresh below this cosine similarity"})
     refresh_mode: str = field(default="full", metadata={
         "choices": ["full", "score"],
