@@ -362,6 +362,22 @@ def tradeoff_table(result, timing=None) -> str:
     return "\n".join(lines)
 
 
+def server_ttft_table(result) -> str:
+    reuse, fresh = result["runs"]["reuse"], result["runs"]["no reuse"]
+    lines = [f"{result['model']} through `python -m mlx_kvcache.server`: a "
+             f"{result['document_words']}-word stretch of the gettext manual and a question, "
+             f"then {len(reuse) - 1} follow-up questions, each request carrying the whole "
+             f"conversation (as OpenAI clients do); time to the first streamed token, with "
+             f"prompt-cache reuse and with `--prompt-cache-bytes 0`. {where(result)}", "",
+             "| turn | prompt tokens | read (reuse) | TTFT reuse s | TTFT no reuse s | speed-up |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for a, b in zip(reuse, fresh):
+        lines.append(f"| {a['turn']} | {a['prompt_tokens']} | "
+                     f"{a['prompt_tokens'] - a['cached_tokens']} | {a['ttft_s']:.2f} | "
+                     f"{b['ttft_s']:.2f} | {b['ttft_s'] / a['ttft_s']:.1f}x |")
+    return "\n".join(lines)
+
+
 def offload_table(result) -> str:
     lines = [f"Exact weight offloading (`--offload layers`): greedy decoding of "
              f"{result['decode_tokens']} tokens after a chat prompt, each configuration in a "
@@ -511,6 +527,8 @@ TABLES = {
                               lambda r: tradeoff_table(r, load("long_context_tradeoff_timing")),
                               "\n\n![RefreshKV trade-off at 8K]({results}/long_context_tradeoff.png)"),
     "offload": ("offload", offload_table, ""),
+    "server_ttft": ("server_ttft", server_ttft_table, ""),
+    "server_ttft_quick": ("server_ttft_quick", server_ttft_table, ""),
     "offload_quick": ("offload_quick", offload_table, ""),
     "multi_turn": ("multi_turn", multi_turn_table, ""),
     "multi_turn_quick": ("multi_turn_quick", multi_turn_table, ""),
