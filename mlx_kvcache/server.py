@@ -18,7 +18,6 @@ it is read) with an OpenAI-shaped error body. It binds to 127.0.0.1 unless
 told otherwise. Starlette and uvicorn carry the HTTP.
 """
 
-import argparse
 import asyncio
 import json
 import sys

@@ -19,13 +19,14 @@ token that of the resident model (tests/test_offload.py).
 
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.offload import layout as layout_file
@@ -103,8 +104,6 @@ class WeightStore:
             self.resident[name] = self._read(name)
 
     def _read_numpy(self, name: str):
-        import time
-
         start = time.perf_counter()
         arrays = layout_file.read_unit(self.fd, self.layout.units[name])
         with self.lock:
@@ -205,8 +204,6 @@ def _head(store: WeightStore, x: mx.array) -> mx.array:
 
 
 def _drop(module: nn.Module) -> None:
-    from mlx.utils import tree_map
-
     module.update(tree_map(lambda _: EMPTY, module.parameters()))
 
 
