@@ -1,6 +1,6 @@
 import pytest
 
-from mlx_kvcache import kernel_probe
+from mlx_kvcache import attention, kernel_probe, kernels
 from mlx_kvcache.loading import load
 from mlx_kvcache.packaged_models import packaged_gguf
 
@@ -19,3 +19,30 @@ def kernel_probes_of_this_test(tmp_path, monkeypatch):
     kernel_probe.forget()
     yield
     kernel_probe.forget()
+
+
+class Counted:
+    """A kernel stand-in that counts its calls."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.function(*args)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Kernels 'present' on this CPU; each starts as its honest reference."""
+    monkeypatch.setattr(kernels, "use_kernels", lambda: True)
+    installed = {}
+
+    def install(family, function):
+        installed[family] = Counted(function)
+        monkeypatch.setattr(kernels, family, installed[family])
+        return installed[family]
+
+    install("sparse_attention", attention.sparse_reference)
+    install("refresh_scores", attention.refresh_scores_reference)
+    return install

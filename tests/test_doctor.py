@@ -9,7 +9,7 @@ import sys
 import mlx.core as mx
 
 from mlx_kvcache import attention, doctor, kernels
-from tests.test_kernel_probe import fake_gpu, wrong  # noqa: F401  (a fixture)
+from tests.test_kernel_probe import wrong
 
 
 def run_doctor(*args):
@@ -41,7 +41,7 @@ def test_the_doctor_speaks_json():
     assert report["versions"]["mlx"] == mx.__version__
 
 
-def test_a_broken_variant_makes_the_doctor_fail(fake_gpu, capsys):  # noqa: F811
+def test_a_broken_variant_makes_the_doctor_fail(fake_gpu, capsys):
     fake_gpu("refresh_scores", wrong(attention.refresh_scores_reference))
     assert doctor.main([]) == 1
     out = capsys.readouterr().out
@@ -54,7 +54,7 @@ def test_a_broken_variant_makes_the_doctor_fail(fake_gpu, capsys):  # noqa: F811
     assert "fused not used here" not in out
 
 
-def test_every_kernel_variant_passes_when_the_kernels_are_honest(fake_gpu, capsys):  # noqa: F811
+def test_every_kernel_variant_passes_when_the_kernels_are_honest(fake_gpu, capsys):
     assert doctor.main(["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kernels"]["used"] and all(v["ok"] for v in report["kernels"]["variants"])

@@ -40,33 +40,6 @@ def nan(reference):
 FAULTS = {"raises": lambda reference: raises, "wrong": wrong, "nan": nan}
 
 
-class Counted:
-    """A kernel stand-in that counts its calls."""
-
-    def __init__(self, function):
-        self.function, self.calls = function, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.function(*args)
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """Kernels 'present' on this CPU; each starts as its honest reference."""
-    monkeypatch.setattr(kernels, "use_kernels", lambda: True)
-    installed = {}
-
-    def install(family, function):
-        installed[family] = Counted(function)
-        monkeypatch.setattr(kernels, family, installed[family])
-        return installed[family]
-
-    install("sparse_attention", attention.sparse_reference)
-    install("refresh_scores", attention.refresh_scores_reference)
-    return install
-
-
 def greedy_tokens(n=24):
     mx.random.seed(3)
     model = build_model(CONFIG)
