@@ -420,7 +420,8 @@ def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
     return name
 
 
-def plots(speed, fidelity, growing, long_context=None, tradeoff=None, timing=None) -> list:
+def plots(speed, fidelity, growing, long_context=None, tradeoff=None, timing=None,
+          multi_turn=None) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -487,6 +488,29 @@ def plots(speed, fidelity, growing, long_context=None, tradeoff=None, timing=Non
         made.append(save_plot(fig, ax, "long_context_speed.png", xlabel="context (tokens)",
                               ylabel="decode ms/token / full's",
                               title="Below 1: the policy's decode step is cheaper than full's"))
+    if multi_turn:
+        # Per turn: which policies still find the fact, and what the turn waits
+        # for its first token, beside full re-reading the whole conversation.
+        fig, ax = plt.subplots(figsize=(8, 5))
+        results = multi_turn["results"]
+        for k, r in enumerate(results):
+            turns = range(1, len(r["turns"]) + 1)
+            ax.plot(turns, [t["ttft_s"] for t in r["turns"]], marker="o", label=r["policy"])
+            for i, t in enumerate(r["turns"]):
+                ax.annotate("y" if t["correct"] else "n", (i + 1, t["ttft_s"]),
+                            xytext=(4, 4 - 10 * (k % 2)), textcoords="offset points",
+                            fontsize=7)
+        reread = results[0].get("reread_ttft_s", {})
+        if reread:
+            ax.scatter([int(t) + 1 for t in reread], list(reread.values()), marker="x",
+                       color="black", label="full, re-reading the conversation")
+        ax.set_yscale("log")
+        ax.set_xticks(range(1, len(results[0]["turns"]) + 1))
+        made.append(save_plot(
+            fig, ax, "multi_turn.png", xlabel="turn (y/n: the planted fact was found)",
+            ylabel="time to first token (s)",
+            title=f"Chat over a {multi_turn['document_tokens']}-token document, "
+                  f"{multi_turn['model'].split('/')[-1]}"))
     if tradeoff:
         # RefreshKV's settings at one context: quality against cost.
         context = tradeoff["lengths"][0]
@@ -530,7 +554,8 @@ TABLES = {
     "server_ttft": ("server_ttft", server_ttft_table, ""),
     "server_ttft_quick": ("server_ttft_quick", server_ttft_table, ""),
     "offload_quick": ("offload_quick", offload_table, ""),
-    "multi_turn": ("multi_turn", multi_turn_table, ""),
+    "multi_turn": ("multi_turn", multi_turn_table,
+                   "\n\n![chat turn after turn]({results}/multi_turn.png)"),
     "multi_turn_quick": ("multi_turn_quick", multi_turn_table, ""),
 }
 
@@ -558,7 +583,8 @@ def sections() -> dict:
         out["growing_context"] = (table + "\n\n![growing context]"
                                   "({results}/growing_context.png)")
     plots(load("speed_cpu"), load("fidelity"), growing, load("long_context"),
-          load("long_context_tradeoff"), load("long_context_tradeoff_timing"))
+          load("long_context_tradeoff"), load("long_context_tradeoff_timing"),
+          load("multi_turn"))
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 from mlx_kvcache import UserError
 from mlx_kvcache.cache_file import snapshot
 from mlx_kvcache.chat_session import ChatSession, TurnInterrupted
+from mlx_kvcache.loading import resolve
 
 GPL = "/usr/share/common-licenses/GPL-3"
 QUESTIONS = ["Name a fruit.", "Why is it healthy?", "What colour is it?"]
@@ -237,6 +238,9 @@ def test_piped_turns_and_a_session_that_survives_the_process(tmp_path):
     assert "tokens of context" in whole.stderr and "MiB KV (h2o)" in whole.stderr
 
     saved = session.read_bytes()
+    # The Qwen parts are assembled on their first use, with a notice of their
+    # own; done here first, what the chat prints below is its error alone.
+    resolve("qwen2.5-coder-0.5b")
     other_policy = chat_cli("--policy", "full", "--session", str(session), stdin="hi\n")
     truncated = tmp_path / "t.safetensors"
     truncated.write_bytes(saved[: len(saved) // 2])
