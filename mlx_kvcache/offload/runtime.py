@@ -6,9 +6,10 @@ output head), token after token. Under a cyclic scan an LRU evicts exactly
 the unit needed next, and re-reads everything once the budget is below the
 whole model. So the resident set is planned instead: units are pinned in
 order of use while they fit, the rest stream through a reserve of one unit
-(two with prefetching, the next unit read by a background thread while the
-current one computes). That reads the least a budget allows per token,
-(weights - pinned) bytes, the physical limit's numerator.
+(two with prefetching: the next streamed unit is read by a background thread
+while the current one and the pinned ones before the next compute). That
+reads the least a budget allows per token, (weights - pinned) bytes, the
+physical limit's numerator.
 
 Each streamed layer is evaluated before its weights are dropped (MLX is lazy:
 a graph holding them would keep them alive), so memory stays within budget
@@ -96,17 +97,26 @@ class WeightStore:
         self.pending: Dict[str, Future] = {}
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload-reader")
         self.lock = threading.Lock()
-        cycle = self.plan.pinned + self.plan.streamed
-        order = [n for n in self.layout.units if n in cycle]
-        self.next_unit = {a: b for a, b in zip(order, order[1:] + order[:1])}
+        self.verified = set()
+        # Each unit -> the next streamed unit after it in the cycle: its read
+        # starts as soon as the reserve has room, so it overlaps the compute of
+        # every pinned unit in between.
+        order = [n for n in self.layout.units if n in self.plan.pinned + self.plan.streamed]
+        self.next_streamed = {}
+        for i, name in enumerate(order):
+            after = order[i + 1:] + order[:i + 1]
+            self.next_streamed[name] = next((n for n in after if n in self.plan.streamed), None)
         self.resident["rest"] = self._read("rest")
         for name in self.plan.pinned:
             self.resident[name] = self._read(name)
 
     def _read_numpy(self, name: str):
         start = time.perf_counter()
-        arrays = layout_file.read_unit(self.fd, self.layout.units[name])
+        # Checked on its first read; a unit that failed has ended the run.
+        arrays = layout_file.read_unit(self.fd, self.layout.units[name],
+                                       verify=name not in self.verified)
         with self.lock:
+            self.verified.add(name)
             self.counters.bytes_read += self.layout.units[name].nbytes
             self.counters.unit_reads += 1
             self.counters.read_seconds += time.perf_counter() - start
@@ -130,9 +140,9 @@ class WeightStore:
         else:
             weights = self._read(name)
         if self.plan.prefetch:
-            following = self.next_unit.get(name)
-            if (following in self.plan.streamed and following not in self.pending
-                    and following != name):
+            # The reserve holds two streamed units: this one and the next.
+            following = self.next_streamed.get(name)
+            if following is not None and following != name and following not in self.pending:
                 self.pending[following] = self.reader.submit(self._read_numpy, following)
         return weights
 
