@@ -17,6 +17,7 @@ from mlx_kvcache.generate import generate_step
 from mlx_kvcache.offload import LAYOUT_DIR, layout_path, parse_budget, prepare
 from mlx_kvcache.offload import layout as layout_file
 from mlx_kvcache.offload.runtime import plan
+from mlx_kvcache.offload.sparsity import calibrate, thresholded
 from tests.helpers import tiny_model, write_gguf
 
 PROMPT = "The capital of France is"
@@ -192,3 +193,28 @@ def test_a_full_disk_is_refused_and_leaves_nothing(tiny_gguf, monkeypatch):
         prepare(str(path))
     folder = layout_path(path).parent
     assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_ffn_thresholds_skip_the_share_they_were_calibrated_for():
+    model = tiny_model("qwen2", layers=3)
+    tokens = list(range(3, 200))
+    dense = model(mx.array(tokens)[None])
+    thresholds = calibrate(model, tokens, [0.0, 0.5, 0.8])
+    assert thresholds[0.0] == [0.0] * 3
+    # Threshold 0 skips only neurons whose term is zero: the dense logits.
+    with thresholded(model, thresholds[0.0]):
+        assert mx.array_equal(model(mx.array(tokens)[None]), dense)
+    for sparsity in (0.5, 0.8):
+        with thresholded(model, thresholds[sparsity]) as mlps:
+            for mlp in mlps:
+                mlp.record = []
+            sparse = model(mx.array(tokens)[None])
+            skipped = [1 - mlp.record[0].astype(mx.float32).mean().item() for mlp in mlps]
+        # On the calibration text itself, each layer skips its quantile's share.
+        assert all(abs(s - sparsity) < 0.01 for s in skipped), skipped
+        assert not mx.allclose(sparse, dense)
+    assert mx.array_equal(model(mx.array(tokens)[None]), dense)  # the MLPs are back
+    with pytest.raises(UserError, match="a share in"):
+        calibrate(model, tokens, [1.0])
+    with pytest.raises(UserError, match="needs a SwiGLU model"):
+        calibrate(tiny_model("gemma3"), tokens, [0.5])

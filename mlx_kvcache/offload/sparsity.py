@@ -1,0 +1,96 @@
+"""Training-free FFN activation sparsity, the model `--offload neurons` is to
+run on (CATS, Lee et al., 2024; TEAL, Liu et al., 2024).
+
+Neuron i of a SwiGLU layer adds silu(g_i) * u_i * down[:, i] to the output,
+g = gate_proj(x), u = up_proj(x). Where |silu(g_i)| is below the layer's
+threshold the neuron is skipped: its up row and down column need not be read.
+A layer's threshold is the `sparsity`-quantile of |silu(g)| over a calibration
+text, so that share of neurons is skipped on text like it.
+
+`thresholded(model, thresholds)` computes exactly what the sparse read path
+would (the skipped neurons' terms are zeros), densely: perplexity against
+sparsity is measured with it, and `record` keeps which neurons each token
+used, from which the bytes a windowed reader fetches are counted.
+"""
+
+from contextlib import contextmanager
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_kvcache.errors import UserError
+
+
+class ThresholdedMLP(nn.Module):
+    """A SwiGLU MLP whose neurons below `threshold` contribute nothing."""
+
+    def __init__(self, mlp: nn.Module, threshold: float):
+        super().__init__()
+        self.mlp = mlp
+        self.threshold = threshold
+        self.record: Optional[list] = None  # [tokens, neurons] masks, when set
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate = nn.silu(self.mlp.gate_proj(x))
+        active = mx.abs(gate) > self.threshold
+        if self.record is not None:
+            self.record.append(active.reshape(-1, active.shape[-1]))
+        return self.mlp.down_proj(mx.where(active, gate * self.mlp.up_proj(x), 0.0))
+
+
+def _swiglu_blocks(model) -> list:
+    blocks = list(model.layers)
+    if model.args.model_type not in ("llama", "qwen2", "qwen3"):
+        raise UserError(f"FFN sparsity needs a SwiGLU model (llama, qwen2, qwen3), "
+                        f"not {model.args.model_type}")
+    return blocks
+
+
+@contextmanager
+def thresholded(model, thresholds: List[float]):
+    """The model's MLPs thresholded while inside; yields the ThresholdedMLPs."""
+    blocks = _swiglu_blocks(model)
+    if len(thresholds) != len(blocks):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(blocks)} layers")
+    originals = [block.mlp for block in blocks]
+    wrapped = [ThresholdedMLP(mlp, t) for mlp, t in zip(originals, thresholds)]
+    for block, mlp in zip(blocks, wrapped):
+        block.mlp = mlp
+    try:
+        yield wrapped
+    finally:
+        for block, mlp in zip(blocks, originals):
+            block.mlp = mlp
+
+
+def calibrate(model, tokens: List[int], sparsities: List[float]) -> dict:
+    """{sparsity: [threshold per layer]}: the quantiles of |silu(gate)| of
+    every token of `tokens` (one forward pass, no cache)."""
+    for s in sparsities:
+        if not 0 <= s < 1:
+            raise UserError(f"--ffn-sparsity {s}: a share in [0, 1)")
+    magnitudes = []
+
+    class Recorder(nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def __call__(self, x):
+            gate = self.mlp.gate_proj(x)
+            magnitudes.append(mx.abs(nn.silu(gate)).reshape(-1))
+            return self.mlp.down_proj(nn.silu(gate) * self.mlp.up_proj(x))
+
+    blocks = _swiglu_blocks(model)
+    originals = [block.mlp for block in blocks]
+    for block in blocks:
+        block.mlp = Recorder(block.mlp)
+    try:
+        mx.eval(model(mx.array(tokens)[None]))
+    finally:
+        for block, mlp in zip(blocks, originals):
+            block.mlp = mlp
+    layers = [np.array(m.astype(mx.float32)) for m in magnitudes]
+    return {s: [float(np.quantile(m, s)) if s > 0 else 0.0 for m in layers] for s in sparsities}
