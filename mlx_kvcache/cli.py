@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 
+from mlx_kvcache.distributed import shard, world
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.files import replaced_atomically
 from mlx_kvcache.loading import load
@@ -90,13 +91,24 @@ def add_model_flags(parser, *, max_tokens: int, prefill_step: int) -> None:
     add_policy_flags(parser)
 
 
-def load_model(args):
-    """(model, tokenizer) as the model flags ask: resident, or offloaded."""
+def load_model(args, shardable: bool = False):
+    """(model, tokenizer) as the model flags ask: resident, or offloaded; under
+    mlx.launch, sharded over its ranks where the command is `shardable`."""
+    group = world()
+    if group is not None and not shardable:
+        raise UserError("this command runs in one process; under mlx.launch only "
+                        "mlx_kvcache.generate runs sharded")
     if args.weights_budget is None:
-        return load(args.model, dequantize=False if args.keep_quantized else None)
-    if args.keep_quantized:
+        model, tokenizer = load(args.model, dequantize=False if args.keep_quantized else None)
+    elif group is not None:
+        raise UserError("--weights-budget cannot go with a sharded model yet")
+    elif args.keep_quantized:
         raise UserError("--weights-budget reads float weights: drop --keep-quantized")
-    return load_offloaded(args.model, args.weights_budget, args.offload)
+    else:
+        model, tokenizer = load_offloaded(args.model, args.weights_budget, args.offload)
+    if group is not None:
+        shard(model, group)
+    return model, tokenizer
 
 
 def policy_args(args) -> dict:

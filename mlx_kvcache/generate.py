@@ -15,6 +15,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_kvcache.cli import (Parser, add_model_flags, load_model, policy_args, run_command,
                              write_json_atomic)
+from mlx_kvcache.distributed import shared_seed, speaks, world
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.policies import make_cache
 
@@ -237,12 +238,16 @@ def run(args) -> None:
         if not os.path.isdir(stats_dir):
             raise UserError(f"cannot write {args.stats_json}: no directory {stats_dir}")
     text = _read_prompt(args)
+    group = world()
+    speaker = speaks(group)
+    if group is not None:
+        args.seed = shared_seed(group, args.seed)
     if args.seed is not None:
         mx.random.seed(args.seed)
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args)
-    if args.verbose:
+    model, tokenizer = load_model(args, shardable=True)
+    if args.verbose and speaker:
         print(f"loaded {model.source} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     ids = _prompt_ids(tokenizer, args, text)
     cache = make_cache(model, args.policy, **policy_flags)
@@ -254,12 +259,14 @@ def run(args) -> None:
     for response in stream_generate(
         model, tokenizer, ids, max_tokens=args.max_tokens, temp=args.temp,
         top_p=args.top_p, cache=cache, prefill_step_size=args.prefill_step_size,
-        progress=_progress_bar if sys.stderr.isatty() else None,
+        progress=_progress_bar if speaker and sys.stderr.isatty() else None,
     ):
         sys.stdout.write(response.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if not speaker:
+        return
 
     kv_bytes = sum(c.nbytes for c in cache)
     stats = {
@@ -280,6 +287,10 @@ def run(args) -> None:
         f" | peak memory {response.peak_memory / 2**20:.1f} MiB",
         file=sys.stderr,
     )
+    if group is not None:
+        stats["ranks"] = group.size()
+        print(f"  sharded over {group.size()} ranks: the kv cache and memory above are rank "
+              "0's own", file=sys.stderr)
     offload = getattr(model, "offload", None)
     if offload is not None:
         stats["offload"] = o = offload.stats()

@@ -4,6 +4,7 @@ from typing import ClassVar, Optional
 import mlx.core as mx
 
 from mlx_kvcache.attention import dense, refresh_scores, sparse
+from mlx_kvcache.distributed import world
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.quantized_attention import attend_quantized
 from mlx_kvcache.quantized_kv import QuantizedKV, check_quantization
@@ -104,6 +105,9 @@ class RefreshKVCache:
         self.steps_since_refresh = 0
         self.full_steps = 0
         self.partial_steps = 0
+        # Sharded (mlx.launch): this rank holds some of the heads, and the
+        # schedule's head-averaged query must average over every rank's.
+        self.ranks = world()
 
     @property
     def quantized(self) -> bool:
@@ -157,12 +161,18 @@ class RefreshKVCache:
         storage = self.full_cache
         return sparse(queries, storage.keys, storage.values, self.retained, scale)
 
+    def _mean_query(self, schedule_query):
+        mean = schedule_query.mean(axis=(1, 2)).astype(mx.float32)
+        if self.ranks is not None:  # every rank holds as many heads
+            mean = mx.distributed.all_sum(mean, group=self.ranks) / self.ranks.size()
+        return mean
+
     def _due(self, schedule_query) -> bool:
         if self.refresh == "stride":
             return self.steps_since_refresh + 1 >= self.refresh_every
         if (self.steps_since_refresh + 1) % self.qc:
             return False
-        now = schedule_query.mean(axis=(1, 2)).astype(mx.float32)
+        now = self._mean_query(schedule_query)
         then = self.refreshed_query
         cosine = (now * then).sum(-1) / (
             mx.linalg.norm(now, axis=-1) * mx.linalg.norm(then, axis=-1) + 1e-12)
@@ -179,7 +189,7 @@ class RefreshKVCache:
             per_head, min(self.budget_rule.at(n), n), sinks=self.sinks, recent=self.recent)
         if self.quantized:
             self.partial_keys, self.partial_values = self.full_cache.gather(self.retained)
-        self.refreshed_query = schedule_query.mean(axis=(1, 2)).astype(mx.float32)
+        self.refreshed_query = self._mean_query(schedule_query)
         self.full_steps += 1
         self.steps_since_refresh = 0
         if self.refresh_mode == "full":
