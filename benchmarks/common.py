@@ -47,6 +47,11 @@ def write_result(name: str, data: dict) -> Path:
     return path
 
 
+def load_result(name: str):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def timed(fn, repeats: int, warmup: int = 3) -> float:
     """Median ms of evaluating fn() `repeats` times, after `warmup` runs."""
     for _ in range(warmup):

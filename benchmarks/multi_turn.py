@@ -17,6 +17,8 @@ others read it themselves.
     python benchmarks/multi_turn.py [--quick] [--model smollm2] [--doc-tokens 6000]
     python benchmarks/multi_turn.py --model qwen2.5-coder-0.5b --doc-tokens 12000 \
         --policies full,streaming,snapkv,refreshkv --reread 1
+    python benchmarks/multi_turn.py --model qwen2.5-coder-0.5b --doc-tokens 12000 \
+        --policies h2o,mixed --add     # more policies beside the kept full run
 
 Writes benchmarks/results/multi_turn.json (multi_turn_quick.json).
 """
@@ -27,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_result
+from common import load_result, write_result
 
 from mlx_kvcache import ChatSession, load
 from mlx_kvcache.evaluate import read_text, rouge_l
@@ -124,6 +126,9 @@ def main():
     parser.add_argument("--reread", default=None,
                         help="turns (0-based) at which re-reading the conversation is timed "
                         "(default: the second and the last)")
+    parser.add_argument("--add", action="store_true",
+                        help="run only --policies and add them to the existing result, whose "
+                        "full run (its answers, the reference) is kept")
     args = parser.parse_args()
     quick = args.quick
     doc_tokens = args.doc_tokens or (2000 if quick else 6000)
@@ -133,32 +138,47 @@ def main():
     names = (args.policies.split(",") if args.policies else
              ["streaming", "snapkv", "refreshkv"] if quick else
              ["streaming", "snapkv", "h2o", "refreshkv", "mixed"])
-    policies = [("full", {})] + [(p, {"budget_ratio": 1 / 8}) for p in names if p != "full"]
+    policies = [(p, {"budget_ratio": 1 / 8}) for p in names if p != "full"]
     reread_turns = ([int(t) for t in args.reread.split(",")] if args.reread
                     else [1, len(ASK_ORDER) - 1])
+    name = "multi_turn_quick" if quick else "multi_turn"
     report = {"benchmark": "multi_turn", "model": model.source, "quick": quick,
               "document_tokens": doc_tokens, "text": Path(TEXT).name, "results": []}
-    name = "multi_turn_quick" if quick else "multi_turn"
-    reader, shared_read_s, doc_tokens = read(model, tokenizer, "full", {}, document, 24)
-    log(f"document: {doc_tokens} tokens read in {shared_read_s:.0f} s")
-    full_session = None
+    reference = None  # full's answer to the open question
+    if args.add:
+        report = load_result(name)
+        if report is None or report["model"] != model.source or (
+                report["document_tokens"] != doc_tokens):
+            raise SystemExit(f"--add: no {name}.json of this model and document length")
+        earlier = report.pop("provenance")
+        report.setdefault("added_to", {"policies": [r["policy"] for r in report["results"]],
+                                       "provenance": earlier})
+        reference = report["results"][0]["open_answer"]
+    else:
+        policies.insert(0, ("full", {}))
+    reader = None
     for policy, policy_args in policies:
         shared = reads_prompts_in_full(policy, policy_args)
         if shared:
-            session, read_s = reader.fork(policy, **policy_args), shared_read_s
+            if reader is None:
+                reader, shared_read_s, shared_tokens = read(model, tokenizer, "full", {},
+                                                            document, 24)
+                log(f"document: {shared_tokens} tokens read in {shared_read_s:.0f} s")
+            session, read_s, read_tokens = (reader.fork(policy, **policy_args), shared_read_s,
+                                            shared_tokens)
         else:
-            session, read_s, _ = read(model, tokenizer, policy, policy_args, document, 24)
+            session, read_s, read_tokens = read(model, tokenizer, policy, policy_args,
+                                                document, 24)
             log(f"  {policy}: read the document itself in {read_s:.0f} s")
-        session, result = run_policy(session, facts, read_s, doc_tokens, log)
+        session, result = run_policy(session, facts, read_s, read_tokens, log)
         result["read_by"] = "the shared full reading" if shared else "itself"
         if policy == "full":
-            full_session = session
+            reference = result["open_answer"]
             result["reread_ttft_s"] = {t: reread_ttft(model, tokenizer, session, t)
                                        for t in reread_turns}
             log(f"  full, re-reading the conversation: {result['reread_ttft_s']}")
-        result["open_rouge_l"] = rouge_l(
-            tokenizer.encode(result["open_answer"]),
-            tokenizer.encode(full_session.messages[-1]["content"]))
+        result["open_rouge_l"] = rouge_l(tokenizer.encode(result["open_answer"]),
+                                         tokenizer.encode(reference))
         report["results"].append(result)
         write_result(name, report)
 

@@ -317,7 +317,9 @@ def multi_turn_table(result) -> str:
              f"the {result['text']} manual with five facts planted at depths 0.1-0.9, asked one "
              f"per turn (not in document order), then one open question (ROUGE-L against "
              f"full's answer); budget L/8. Time to first token for full, re-reading the whole "
-             f"conversation against the carried cache: {speedups}. {where(result)}", "",
+             f"conversation against the carried cache: {speedups}. {where(result)}"
+             + (f" {', '.join(result['added_to']['policies'])}: "
+                f"{where(dict(result['added_to']))}" if "added_to" in result else ""), "",
              "| policy | accuracy | per turn (depth: hit) | mean TTFT s | open ROUGE-L | KV MiB "
              "| session MiB | save s | load s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -378,6 +380,16 @@ def server_ttft_table(result) -> str:
     return "\n".join(lines)
 
 
+def offload_limits(entry) -> dict:
+    """({budget: the disk's limit in ms/token}, the GB/s it assumes: the higher
+    of the sequential read of the layout and the fastest rate a run read its
+    units at)."""
+    bandwidth = max([entry["disk_read_gbs"]] + [r["read_gbs"] for r in entry["runs"]
+                                                if r.get("read_gbs")])
+    return {r["budget"]: r["streamed_bytes_per_pass"] / (bandwidth * 1e9) * 1e3
+            for r in entry["runs"] if r["budget"] != "resident"}, bandwidth
+
+
 def offload_table(result) -> str:
     lines = [f"Exact weight offloading (`--offload layers`): greedy decoding of "
              f"{result['decode_tokens']} tokens after a chat prompt, each configuration in a "
@@ -389,8 +401,7 @@ def offload_table(result) -> str:
              f"behind the compute). {where(result)}", ""]
     for entry in result["models"]:
         compute = entry["runs"][0]["decode_ms_per_token"]  # the resident run
-        bandwidth = max([entry["disk_read_gbs"]] + [r["read_gbs"] for r in entry["runs"]
-                                                    if r.get("read_gbs")])
+        limits, bandwidth = offload_limits(entry)
         lines += [f"**{entry['model']}**: layout {entry['layout_bytes'] / 2**20:.0f} MiB (float32),"
                   f" disk read {entry['disk_read_gbs']:.2f} GB/s sequential, {bandwidth:.2f} "
                   f"GB/s the limit's.", "",
@@ -406,7 +417,7 @@ def offload_table(result) -> str:
             name = ("naive (all re-read)" if run["budget"] == "naive"
                     else f"budget {run['budget']}")
             gbs = f"{run['read_gbs']:.2f}" if run.get("read_gbs") else "—"
-            limit = run["streamed_bytes_per_pass"] / (bandwidth * 1e9) * 1e3
+            limit = limits[run["budget"]]
             lines.append(
                 f"| {name} | {run['decode_ms_per_token']:.0f} | "
                 f"{run['bytes_read_per_token'] / 2**20:.0f} | {gbs} | "
@@ -445,6 +456,23 @@ def ffn_sparsity_table(result) -> str:
                 f"{by_window.get(4, by_window[windows[-1]])['resident_bytes'] / 2**20:.0f} |")
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def distributed_table(result) -> str:
+    lines = [f"{result['model']} sharded over the ring backend, ranks as local processes on "
+             f"this 2-core machine (they share it: no speed-up is possible here), "
+             f"{result['context']} prompt tokens then {result['decode_tokens']} decoded; "
+             f"per rank: KV bytes and MLX peak memory (weights included; the embedding table is "
+             f"not sharded); collectives: the model's two all-sums per layer of one token, timed "
+             f"alone. {where(result)}", "",
+             "| policy | ranks | decode ms/token | collectives ms/token | KV MiB per rank | "
+             "peak MiB per rank |", "|---|---:|---:|---:|---:|---:|"]
+    for run in result["runs"]:
+        collectives = run.get("collectives_ms_per_token")
+        lines.append(f"| {run['policy']} | {run['ranks']} | {run['decode_ms_per_token']:.0f} | "
+                     f"{'—' if collectives is None else f'{collectives:.1f}'} | "
+                     f"{run['kv_bytes'] / 2**20:.1f} | {run['peak_mlx_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
 
 
 def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
@@ -535,7 +563,8 @@ def plots(speed, fidelity, growing, long_context=None, tradeoff=None, timing=Non
             shares = [float(r["budget"][:-1]) for r in runs]
             ax.plot(shares, [r["decode_ms_per_token"] for r in runs], marker="o", color=color,
                     label=f"{entry['model']}, exact mode")
-            ax.plot(shares, [r["limit_ms_per_token"] for r in runs], linestyle=":",
+            limits, _ = offload_limits(entry)
+            ax.plot(shares, [limits[r["budget"]] for r in runs], linestyle=":",
                     color=color, label=f"{entry['model']}, the disk's limit")
             ax.axhline(entry["runs"][0]["decode_ms_per_token"], color=color, linewidth=0.8,
                        linestyle="--", label=f"{entry['model']}, resident")
@@ -630,6 +659,8 @@ TABLES = {
     "ffn_sparsity": ("ffn_sparsity", ffn_sparsity_table,
                      "\n\n![FFN sparsity]({results}/ffn_sparsity.png)"),
     "ffn_sparsity_quick": ("ffn_sparsity_quick", ffn_sparsity_table, ""),
+    "distributed": ("distributed", distributed_table, ""),
+    "distributed_quick": ("distributed_quick", distributed_table, ""),
     "multi_turn": ("multi_turn", multi_turn_table,
                    "\n\n![chat turn after turn]({results}/multi_turn.png)"),
     "multi_turn_quick": ("multi_turn_quick", multi_turn_table, ""),
