@@ -279,15 +279,18 @@ def build_app(server: Server, max_body_bytes: int = MAX_BODY_BYTES):
 
         def run():
             try:
-                result = server.generate(req, emit, cancelled)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+                message = ("done", server.generate(req, emit, cancelled))
             except Exception as e:  # a UserError from the model side, or a bug
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+                message = ("error", e)
+            # No longer waiting before the client can hear it is done, so a
+            # /metrics read after the response never counts it.
+            with server.lock:
+                server.waiting -= 1
+            loop.call_soon_threadsafe(queue.put_nowait, message)
 
         with server.lock:
             server.waiting += 1
-        future = loop.run_in_executor(server.worker, run)
-        future.add_done_callback(lambda _: _decrement_waiting(server))
+        loop.run_in_executor(server.worker, run)
 
         if req.stream:
             async def events():
@@ -358,6 +361,7 @@ def build_app(server: Server, max_body_bytes: int = MAX_BODY_BYTES):
             values["requests_waiting"] = server.waiting
         values["prompt_cache_bytes"] = server.prompt_caches.nbytes
         values["prompt_cache_entries"] = len(server.prompt_caches.entries)
+        values["active_memory_bytes"] = mx.get_active_memory()
         lines = [f"mlx_kvcache_{k} {v}" for k, v in values.items()]
         return PlainTextResponse("\n".join(lines) + "\n")
 
@@ -369,11 +373,6 @@ def build_app(server: Server, max_body_bytes: int = MAX_BODY_BYTES):
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ])
-
-
-def _decrement_waiting(server: Server) -> None:
-    with server.lock:
-        server.waiting -= 1
 
 
 def _sse(data: dict) -> str:

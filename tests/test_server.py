@@ -197,21 +197,36 @@ def test_concurrent_requests_never_mix(client, smollm2):
         assert reply.choices[0].message.content == library_answer(smollm2, question, 8)
 
 
-def test_a_bounded_soak(server, client):
+def test_a_bounded_soak(server, client, smollm2):
+    questions = [f"Say the number {i}." for i in range(8)]
+    alone = {q: library_answer(smollm2, q, max_tokens=6) for q in questions}
     before = metrics(server)
 
     def one(i):
-        question = f"Say the number {i}."
+        question = questions[i % 8]
+        if i % 6 == 1:  # a client that leaves after the first chunk
+            stream = ask(client, question, max_tokens=CAP, stream=True)
+            next(iter(stream))
+            stream.close()
+            return None
         if i % 2:
-            return "".join(c.choices[0].delta.content or "" for c in ask(
-                client, question, max_tokens=4, stream=True) if c.choices)
-        return ask(client, question, max_tokens=4).choices[0].message.content
+            return question, "".join(c.choices[0].delta.content or "" for c in ask(
+                client, question, max_tokens=6, stream=True) if c.choices)
+        return question, ask(client, question, max_tokens=6).choices[0].message.content
 
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(one, range(48)))
-    assert all(isinstance(a, str) for a in answers)
+        answers = [a for a in pool.map(one, range(48)) if a is not None]
+    assert len(answers) == 40
+    for question, answer in answers:  # as the same request alone
+        assert answer == alone[question], question
+    deadline = time.time() + 60
+    while metrics(server)["requests_waiting"] and time.time() < deadline:
+        time.sleep(0.2)
     after = metrics(server)
     assert after["requests_total"] - before["requests_total"] == 48
     assert after["requests_failed_total"] == before["requests_failed_total"]
     assert after["requests_waiting"] == 0
+    # Memory back to the baseline, but for the conversations' caches now kept.
+    kept = after["prompt_cache_bytes"] - before["prompt_cache_bytes"]
+    assert after["active_memory_bytes"] - kept <= before["active_memory_bytes"] + (8 << 20)
     assert urllib.request.urlopen(server + "/health", timeout=5).status == 200
