@@ -230,3 +230,16 @@ def test_a_bounded_soak(server, client, smollm2):
     kept = after["prompt_cache_bytes"] - before["prompt_cache_bytes"]
     assert after["active_memory_bytes"] - kept <= before["active_memory_bytes"] + (8 << 20)
     assert urllib.request.urlopen(server + "/health", timeout=5).status == 200
+
+
+def test_the_readmes_openai_example_runs_against_the_server(server, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                   if "from openai import OpenAI" in b)
+    assert "http://127.0.0.1:8080/v1" in example
+    exec(compile(example.replace("http://127.0.0.1:8080", server), "README.md", "exec"), {})
+    answer, cached = capsys.readouterr().out.rsplit(" ", 1)
+    assert answer.strip() and int(cached) >= 0
