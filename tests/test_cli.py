@@ -195,8 +195,11 @@ def test_invalid_policy_settings_get_one_line(args, fragment):
      lambda s: s["policy_stats"][0]["retained_tokens"] == 32),
 ])
 def test_quantized_policies_from_the_cli(tmp_path, manual_prompt, args, check):
+    # A third of the manual's stretch (~330 tokens) is past every budget here.
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(manual_prompt.read_text()[:1400])
     stats_path = tmp_path / "stats.json"
-    result = run_cli("--prompt-file", str(manual_prompt), "--max-tokens", "4",
+    result = run_cli("--prompt-file", str(prompt), "--max-tokens", "4",
                      "--stats-json", str(stats_path), *args)
     assert result.returncode == 0, result.stderr
     stats = json.loads(stats_path.read_text())
