@@ -5,7 +5,8 @@ key and value projections split by heads, output and down projections summed
 across ranks). Each rank's cache holds only its own KV heads, and every
 policy's choice (window, scores, retained set) is per KV head, so a policy
 runs on its rank's heads alone: nothing crosses ranks but the model's own
-two all-sums per layer.
+two all-sums per layer and RefreshKV's query schedule, which averages the
+query over every head (policies/refreshkv.py).
 """
 
 import os
