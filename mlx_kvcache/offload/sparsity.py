@@ -49,13 +49,11 @@ def _swiglu_blocks(model) -> list:
 
 
 @contextmanager
-def thresholded(model, thresholds: List[float]):
-    """The model's MLPs thresholded while inside; yields the ThresholdedMLPs."""
+def _mlps_wrapped(model, wrap):
+    """Each block's MLP replaced by `wrap(i, mlp)` while inside; yields them."""
     blocks = _swiglu_blocks(model)
-    if len(thresholds) != len(blocks):
-        raise ValueError(f"{len(thresholds)} thresholds for {len(blocks)} layers")
     originals = [block.mlp for block in blocks]
-    wrapped = [ThresholdedMLP(mlp, t) for mlp, t in zip(originals, thresholds)]
+    wrapped = [wrap(i, mlp) for i, mlp in enumerate(originals)]
     for block, mlp in zip(blocks, wrapped):
         block.mlp = mlp
     try:
@@ -65,32 +63,36 @@ def thresholded(model, thresholds: List[float]):
             block.mlp = mlp
 
 
+@contextmanager
+def thresholded(model, thresholds: List[float]):
+    """The model's MLPs thresholded while inside; yields the ThresholdedMLPs."""
+    if len(thresholds) != len(model.layers):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(model.layers)} layers")
+    with _mlps_wrapped(model, lambda i, mlp: ThresholdedMLP(mlp, thresholds[i])) as mlps:
+        yield mlps
+
+
+class _Recorder(nn.Module):
+    """A SwiGLU MLP, unchanged, that keeps every |silu(gate)| it computes."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.mlp = mlp
+        self.magnitudes = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate = nn.silu(self.mlp.gate_proj(x))
+        self.magnitudes = mx.abs(gate).reshape(-1)
+        return self.mlp.down_proj(gate * self.mlp.up_proj(x))
+
+
 def calibrate(model, tokens: List[int], sparsities: List[float]) -> dict:
     """{sparsity: [threshold per layer]}: the quantiles of |silu(gate)| of
     every token of `tokens` (one forward pass, no cache)."""
     for s in sparsities:
         if not 0 <= s < 1:
             raise UserError(f"--ffn-sparsity {s}: a share in [0, 1)")
-    magnitudes = []
-
-    class Recorder(nn.Module):
-        def __init__(self, mlp):
-            super().__init__()
-            self.mlp = mlp
-
-        def __call__(self, x):
-            gate = self.mlp.gate_proj(x)
-            magnitudes.append(mx.abs(nn.silu(gate)).reshape(-1))
-            return self.mlp.down_proj(nn.silu(gate) * self.mlp.up_proj(x))
-
-    blocks = _swiglu_blocks(model)
-    originals = [block.mlp for block in blocks]
-    for block in blocks:
-        block.mlp = Recorder(block.mlp)
-    try:
+    with _mlps_wrapped(model, lambda i, mlp: _Recorder(mlp)) as recorders:
         mx.eval(model(mx.array(tokens)[None]))
-    finally:
-        for block, mlp in zip(blocks, originals):
-            block.mlp = mlp
-    layers = [np.array(m.astype(mx.float32)) for m in magnitudes]
+    layers = [np.array(r.magnitudes.astype(mx.float32)) for r in recorders]
     return {s: [float(np.quantile(m, s)) if s > 0 else 0.0 for m in layers] for s in sparsities}
