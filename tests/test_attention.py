@@ -1,5 +1,7 @@
 """attention.sparse and attention.scores against dense references."""
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -59,3 +61,18 @@ def test_scores_are_softmax_rows_of_the_real_queries():
     masked = attention.scores(q, k, 0.2, mask=mask)
     assert mx.all(masked[:, :, 0, 11:] == 0).item()
     assert mx.allclose(masked.sum(-1), mx.ones((2, 8, 3)), atol=FP32_TOL)
+
+
+@pytest.mark.parametrize("n_q_heads, n_kv_heads", [(14, 2), (9, 3), (8, 8)])
+@pytest.mark.parametrize("mask", [None, "causal", "per-head array"])
+def test_dense_split_over_cpu_streams_is_bit_identical(monkeypatch, n_q_heads, n_kv_heads, mask):
+    q, k, v = random_qkv(B=1, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, L=64, N=512)
+    if mask == "per-head array":
+        mask = mx.random.uniform(shape=(1, n_q_heads, 64, 512)) > 0.3
+    monkeypatch.setattr(attention, "CPU_SPLIT_MIN_SCORES", 1 << 62)
+    assert attention._cpu_streams(q, k) == []
+    whole = attention.dense(q, k, v, scale=0.2, mask=mask)
+    monkeypatch.setattr(attention, "CPU_SPLIT_MIN_SCORES", 0)
+    assert len(attention._cpu_streams(q, k)) == min(n_kv_heads, os.cpu_count())
+    split = attention.dense(q, k, v, scale=0.2, mask=mask)
+    assert mx.array_equal(whole, split)
