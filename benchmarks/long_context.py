@@ -111,6 +111,17 @@ def window_starts(n_tokens: int, length: int, count: int):
     return [START + (usable * i) // max(count - 1, 1) for i in range(count)]
 
 
+def longest_kept_below(directory: Path, text_name: str, first: int, stop: int):
+    """(length, path) of the longest kept prefill of this window that stops
+    before `stop`, or None."""
+    kept = []
+    for path in directory.glob(f"{text_name}-{first}-*.safetensors"):
+        upto = int(path.stem.rsplit("-", 1)[1])
+        if upto < stop:
+            kept.append((upto, path))
+    return max(kept, default=None)
+
+
 def advance(model, cache, tokens, upto: int):
     """Prefill `cache` (at its offset) through tokens[:upto], in chunks."""
     chunk_times = []
@@ -162,6 +173,10 @@ def main():
     parser.add_argument("--only-first", type=int, default=None, metavar="N",
                         help="score only the first N of each window's scored tokens (the "
                         "prompt, and so a kept prefill, stay the same): a timing run")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="each policy with its default settings only (no RefreshKV "
+                        "score-every-step point), and no mlx-lm KVCache beside full: the "
+                        "scoring that fits a 32K run here")
     parser.add_argument("--name", default=None,
                         help="result file name (default long_context, long_context_quick)")
     args = parser.parse_args()
@@ -181,13 +196,16 @@ def main():
     reference = MlxLmKVCache(twin)
     specs = [PolicySpec("full")] + [s for r in ratios for s in specs_at(r, quick)
                                     if not args.policies or s.name in args.policies.split(",")]
+    if args.defaults_only:
+        specs = [s for s in specs if set(s.args) <= {"budget_ratio", "kv_bits"}]
+    references = [] if args.defaults_only else [reference]
     if args.tradeoff:
         specs += [s for r in ratios for s in tradeoff_at(r)]
     shared = [s for s in specs if continues_full_prefill(s)]
     own = [s for s in specs if not continues_full_prefill(s)]
     report = {"benchmark": "long_context", "model": model.source, "quick": quick,
               "lengths": lengths, "ratios": ratios, "scored": measured,
-              "policies": [s.label() for s in specs] + [reference.label()],
+              "policies": [s.label() for s in specs + references],
               "prefill": [], "checkpoints": []}
     for text_name, path in texts.items():
         tokens = tokenizer.encode(read_text(path), add_special_tokens=False)
@@ -202,13 +220,20 @@ def main():
                 stop = prompt_len - 1 - FORK_TAIL
                 kept = (Path(args.prefill_cache) / f"{text_name}-{first}-{stop}.safetensors"
                         if args.prefill_cache else None)
+                shorter = kept and longest_kept_below(kept.parent, text_name, first, stop)
                 if kept is not None and kept.exists():
                     tracks["full"] = load_cache(kept, model, policy="full")
                     log(f"{text_name} window {w}: full prefill to {stop} tokens from {kept}")
                 else:
-                    t0 = time.perf_counter()
+                    if shorter and shorter[0] > tracks["full"][0].offset:
+                        # A run that stopped at a shorter length: go on from it.
+                        tracks["full"] = load_cache(shorter[1], model, policy="full")
+                        log(f"{text_name} window {w}: full prefill to {shorter[0]} tokens "
+                            f"from {shorter[1]}")
+                    t0, start = time.perf_counter(), tracks["full"][0].offset
                     chunks = advance(model, tracks["full"], window, stop)
-                    report["prefill"].append({"text": text_name, "window": w, "upto": stop,
+                    report["prefill"].append({"text": text_name, "window": w, "from": start,
+                                              "upto": stop,
                                               "seconds": time.perf_counter() - t0,
                                               "chunks": chunks})
                     log(f"{text_name} window {w}: full prefill to {stop} tokens "
@@ -223,9 +248,11 @@ def main():
                     results.append({"label": spec.label(), "policy": spec.name,
                                     "args": spec.args,
                                     **score(model, spec, scored_window, measured, cache, log)})
-                cache = reference.start_from(tracks["full"], prompt)
-                results.append({"label": reference.label(), "policy": reference.name, "args": {},
-                                **score(twin, reference, scored_window, measured, cache, log)})
+                for reference in references:
+                    cache = reference.start_from(tracks["full"], prompt)
+                    results.append({"label": reference.label(), "policy": reference.name,
+                                    "args": {}, **score(twin, reference, scored_window,
+                                                        measured, cache, log)})
                 for spec in own:
                     track = tracks[spec.label()]
                     t0 = time.perf_counter()

@@ -475,6 +475,19 @@ def distributed_table(result) -> str:
     return "\n".join(lines)
 
 
+def cpu_streams_table(result) -> str:
+    lines = [f"{result['model'].split('/')[-1]} prefill of the coreutils manual, the whole "
+             f"cache (`full`), best of {result['repeats']}: attention as one op on one "
+             "thread against split by KV heads over one CPU stream per core (the default); "
+             f"`mx.exp` here: {result['exp_per_s'] / 1e6:.0f} M elements/s, a softmax "
+             f"{result['softmax_per_s'] / 1e6:.0f} M/s. {where(result)}", "",
+             "| prompt tokens | one stream s | split s | speed-up |", "|---:|---:|---:|---:|"]
+    for row in result["prefill"]:
+        lines.append(f"| {row['tokens']} | {row['one stream']:.1f} | {row['split']:.1f} | "
+                     f"{row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -659,6 +672,7 @@ TABLES = {
     "ffn_sparsity": ("ffn_sparsity", ffn_sparsity_table,
                      "\n\n![FFN sparsity]({results}/ffn_sparsity.png)"),
     "ffn_sparsity_quick": ("ffn_sparsity_quick", ffn_sparsity_table, ""),
+    "cpu_streams": ("cpu_streams", cpu_streams_table, ""),
     "distributed": ("distributed", distributed_table, ""),
     "distributed_quick": ("distributed_quick", distributed_table, ""),
     "multi_turn": ("multi_turn", multi_turn_table,

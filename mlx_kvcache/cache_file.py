@@ -4,16 +4,24 @@ restore it, refusing a different model or policy.
 Arrays come from each policy's `state`; its scalar attributes (offsets,
 counters, budgets resolved at run time) go into the file's metadata as JSON, so
 every registered policy saves and restores without code of its own.
+
+A sharded model's cache is saved as one file per rank, each its own KV heads
+(`shard_path`), and restored only onto the same number of ranks. The ranks
+agree before they go on: a new set of shards replaces the old one only once
+every rank has written its own, and a restore from shards of different saves
+is refused.
 """
 
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_kvcache.distributed import everyone, rank0_int, same_everywhere
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.files import replaced_atomically
 from mlx_kvcache.policies import policy_class
@@ -33,11 +41,37 @@ def model_identity(model) -> dict:
     digest = hashlib.sha256()
     for weight in weights:
         digest.update(np.array(weight.astype(mx.float16)).tobytes())
-    return {
+    identity = {
         "model_type": args.model_type, "layers": len(model.layers),
         "hidden_size": args.hidden_size, "kv_heads": args.num_key_value_heads,
         "vocab_size": args.vocab_size, "weights": digest.hexdigest()[:16],
     }
+    if model.shard_group is not None:
+        identity["shard"] = [model.shard_group.rank(), model.shard_group.size()]
+    return identity
+
+
+def shard_path(path, model) -> Path:
+    """Where this process's part of the cache saved as `path` is: `path`
+    itself for one process and for rank 0, `path.rankN` for rank N (ranks on
+    one machine share its directories)."""
+    path, group = Path(path), model.shard_group
+    if group is None or group.rank() == 0:
+        return path
+    return path.with_name(f"{path.name}.rank{group.rank()}")
+
+
+def _shard_mismatch(path, saved, here) -> str:
+    def holds(shard):
+        return f"shard {shard[0] + 1} of {shard[1]}"
+
+    if saved is None:
+        return (f"{path} was saved by one process; this one holds {holds(here)} of the model: "
+                "restore it without mlx.launch")
+    if here is None:
+        return (f"{path} holds {holds(saved)} of a sharded cache: restore it under "
+                f"mlx.launch -n {saved[1]}")
+    return f"{path} holds {holds(saved)}, this process {holds(here)}: restore it over {saved[1]} ranks"
 
 
 def _scalars(obj) -> dict:
@@ -102,13 +136,30 @@ def save_cache(path, cache: list, model, extra: dict = None) -> None:
         "model": model_identity(model), "layers": [_record(layer) for layer in cache],
         "extra": extra,
     }
-    path = Path(path)
+    group = model.shard_group
+    if group is not None:
+        # Which save each rank's shard comes from, checked on restore.
+        header["save_id"] = rank0_int(group, int.from_bytes(os.urandom(4), "little") >> 1)
+    path = shard_path(path, model)
     directory = path.resolve().parent
+    problem = None
     if not directory.is_dir():
-        raise UserError(f"cannot write {path}: no directory {directory}")
+        problem = f"no directory {directory}"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        problem = f"{directory} is not writable"
+    other_rank = "another rank could not write its shard (its error says why)"
+    if not everyone(group, problem is None):
+        raise UserError(f"cannot write {path}: {problem or other_rank}")
     try:
         with replaced_atomically(path, ".safetensors") as tmp:
-            mx.save_safetensors(tmp, arrays, metadata={"mlx_kvcache": json.dumps(header)})
+            try:
+                mx.save_safetensors(tmp, arrays, metadata={"mlx_kvcache": json.dumps(header)})
+            except OSError as e:
+                problem = str(e)
+            # Sharded, a rank's file is replaced only once every rank has
+            # written its new one: a failure anywhere leaves all the old ones.
+            if not everyone(group, problem is None):
+                raise UserError(f"cannot write {path}: {problem or other_rank}")
     except OSError as e:
         raise UserError(f"cannot write {path}: {e}") from None
 
@@ -120,9 +171,29 @@ def load_cache(path, model, policy: str = None) -> list:
 
 
 def read_cache(path, model, policy: str = None):
-    """(the cache saved in `path` for `model`, the `extra` saved with it)."""
+    """(the cache saved in `path` for `model`, the `extra` saved with it).
+    Sharded, each rank reads its own shard; all succeed or all refuse."""
+    group = model.shard_group
+    given, path = path, shard_path(path, model)
+    problem, cache, extra, save_id = None, None, None, None
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        cache, extra, save_id = _read(path, model, policy)
+    except UserError as e:
+        problem = e
+    if not everyone(group, problem is None):
+        raise problem or UserError(f"{path}: another rank could not read its shard of the "
+                                   "cache (its error says why)")
+    if not same_everywhere(group, save_id or 0):
+        raise UserError(f"{given}: the ranks' shards come from different saves (one was "
+                        "interrupted); save the session again")
+    return cache, extra
+
+
+def _read(path: Path, model, policy):
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
         header = json.loads(metadata["mlx_kvcache"])
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path}: not a saved mlx-kvcache cache ({e})") from None
@@ -133,6 +204,9 @@ def read_cache(path, model, policy: str = None):
     elif header.get("format") != FORMAT:
         raise UserError(f"{path}: unknown cache format {header.get('format')!r}")
     expected = model_identity(model)
+    saved_shard, shard = header["model"].pop("shard", None), expected.pop("shard", None)
+    if header["model"] == expected and saved_shard != shard:
+        raise UserError(_shard_mismatch(path, saved_shard, shard))
     if header["model"] != expected:
         raise UserError(
             f"{path} was saved from another model ({header['model']['model_type']}, "
@@ -152,4 +226,4 @@ def read_cache(path, model, policy: str = None):
             cache.append(_rebuild(record, state))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: layer {i} cannot be restored ({e})") from None
-    return cache, header.get("extra")
+    return cache, header.get("extra"), header.get("save_id")

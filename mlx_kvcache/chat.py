@@ -6,14 +6,23 @@ the reply (what was said stays said), during the reading of a question or a
 document it cancels that turn, and at the prompt it clears the line; Ctrl-D
 leaves. With stdin not a terminal, each line is a turn (or a command) and the
 replies are printed as plain text, for scripts.
+
+Under mlx.launch the model is sharded over the ranks: rank 0 reads every line
+and document and hands them to the others, and only rank 0 prints. mlx.launch
+gives the ranks pipes, not a terminal, so it is the line-per-turn mode; it
+never passes the end of its input on, so /exit ends the chat (Ctrl-D does not),
+and Ctrl-C ends mlx.launch and every rank with it (the --session file keeps
+every finished turn).
 """
 
 import os
 import signal
 import sys
+from pathlib import Path
 
-from mlx_kvcache.chat_session import ChatSession, TurnInterrupted
+from mlx_kvcache.chat_session import ChatSession, TurnInterrupted, document_text
 from mlx_kvcache.cli import Parser, add_model_flags, load_model, policy_args, run_command
+from mlx_kvcache.distributed import from_rank0, shared_seed, speaks, world
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.generate import DEFAULT_PREFILL_STEP
 
@@ -43,18 +52,22 @@ def setup_arg_parser():
 class Interrupts:
     """Ctrl-C as a request, not an exception, while the model runs: a
     KeyboardInterrupt raised in the middle of a step could leave some layers'
-    caches a token ahead of the others."""
+    caches a token ahead of the others. Not `enabled` (sharded), Ctrl-C stays
+    an exit: mlx.launch ends on it, and a rank that lived on would wait for
+    input that never comes."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.requested = enabled, False
 
     def __enter__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._request)
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._request)
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
 
     def _request(self, signum, frame):
         self.requested = True
@@ -73,12 +86,18 @@ class Interrupts:
 
 
 class Repl:
-    def __init__(self, session: ChatSession, args, interactive: bool):
+    """The loop of turns. Sharded (`group`), every rank runs it, on what rank
+    0 reads; the others say nothing."""
+
+    def __init__(self, session: ChatSession, args, interactive: bool, group=None):
         self.session, self.args, self.interactive = session, args, interactive
-        self.interrupts = Interrupts()
+        self.group = group
+        self.reads = group is None or group.rank() == 0
+        self.interrupts = Interrupts(enabled=group is None)
 
     def say(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        if self.reads:
+            print(line, file=sys.stderr, flush=True)
 
     def tell_notices(self) -> None:
         for notice in self.session.notices:
@@ -115,10 +134,18 @@ class Repl:
         self.autosave()
 
     def add_document(self, path: str) -> None:
+        document = None
+        if self.reads:
+            try:
+                document = {"text": document_text(Path(path).expanduser())}
+            except UserError as e:
+                document = {"error": str(e)}
+        document = from_rank0(self.group, document)
+        if "error" in document:
+            raise UserError(document["error"])
         with self.interrupts as ctrl_c:
             try:
-                n = self.session.add_document(os.path.expanduser(path),
-                                              progress=ctrl_c.check_prefill)
+                n = self.session.add_document(document["text"], progress=ctrl_c.check_prefill)
             except TurnInterrupted:
                 self.say("\n(cancelled: the document was not added)")
                 return
@@ -168,6 +195,9 @@ class Repl:
 
     def read_message(self):
         """The next message or command; None at the end of input."""
+        return from_rank0(self.group, self._read_message() if self.reads else None)
+
+    def _read_message(self):
         prompt = ">>> " if self.interactive else ""
         while True:
             try:
@@ -223,18 +253,25 @@ def run(args) -> None:
 
     asked = args.policy or (args.max_kv_size and "streaming")
     flags = policy_args(args)
+    group = world()
+    speaker = speaks(group)
+    if group is not None:
+        args.seed = shared_seed(group, args.seed)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args, shardable=True)
     sampling = {"max_tokens": args.max_tokens, "temp": args.temp, "top_p": args.top_p,
                 "prefill_step_size": args.prefill_step_size}
-    if args.session and os.path.exists(args.session):
+    # Rank 0's file decides; each rank then reads its own shard of it.
+    if from_rank0(group, bool(args.session) and os.path.exists(args.session)):
         session = ChatSession.load(args.session, model, tokenizer, asked, **sampling)
-        print(f"restored {args.session}: {len(session.messages)} messages", file=sys.stderr)
+        if speaker:
+            print(f"restored {args.session}: {len(session.messages)} messages",
+                  file=sys.stderr)
     else:
         session = ChatSession(model, tokenizer, args.policy, args.system_prompt,
                               **sampling, **flags)
-    repl = Repl(session, args, interactive=sys.stdin.isatty())
+    repl = Repl(session, args, interactive=sys.stdin.isatty() and group is None, group=group)
     for path in args.file:
         repl.add_document(path)
     repl.loop()

@@ -68,7 +68,7 @@ class ChatSession:
         now, so the questions after it prefill only themselves. Returns its
         length in tokens. An exception raised by `progress` (Ctrl-C) leaves the
         session as it was."""
-        message = {"role": "user", "content": _document_text(path_or_text)}
+        message = {"role": "user", "content": document_text(path_or_text)}
         with self._turn():
             new_ids = self._new_tokens(self.messages + [message], generation_prompt=False)
             self._check_room(len(new_ids))
@@ -237,8 +237,6 @@ class ChatSession:
         """The session saved in `path`; a session of another policy than
         `policy` (if given) is refused. `overrides` (max_tokens, temp, top_p,
         prefill_step_size) replace the saved sampling settings."""
-        if not Path(path).is_file():
-            raise UserError(f"{path}: no such session file")
         cache, extra = read_cache(path, model)
         if not isinstance(extra, dict) or extra.get("format") != SESSION_FORMAT:
             found = extra.get("format") if isinstance(extra, dict) else "a bare cache"
@@ -254,7 +252,8 @@ class ChatSession:
         return session
 
 
-def _document_text(path_or_text) -> str:
+def document_text(path_or_text) -> str:
+    """The text of a document given as a path or as its text."""
     if isinstance(path_or_text, Path) or (
             isinstance(path_or_text, str) and "\n" not in path_or_text
             and Path(path_or_text).expanduser().is_file()):

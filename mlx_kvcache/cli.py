@@ -97,7 +97,7 @@ def load_model(args, shardable: bool = False):
     group = world()
     if group is not None and not shardable:
         raise UserError("this command runs in one process; under mlx.launch only "
-                        "mlx_kvcache.generate runs sharded")
+                        "mlx_kvcache.generate and mlx_kvcache.chat run sharded")
     if args.weights_budget is None:
         model, tokenizer = load(args.model, dequantize=False if args.keep_quantized else None)
     elif group is not None:

@@ -207,6 +207,8 @@ class Gemma3Model(nn.Module):
 
 
 class Model(nn.Module):
+    shard_group = None  # no shard() yet
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -181,6 +181,8 @@ class LlamaModel(nn.Module):
 class Model(nn.Module):
     # Qwen2/Qwen3 differ from Llama only in their attention's projections.
     attention_class = Attention
+    # The group this model is sharded over (mlx_kvcache.distributed), or None.
+    shard_group = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()

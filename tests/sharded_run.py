@@ -35,6 +35,33 @@ def run(model, tokenizer, n_tokens: int = 16) -> dict:
     return report
 
 
+# Every registered policy, at a budget smaller than the prompt where it has one.
+COUNTED = {"full": {}, "streaming": {"budget": 16}, "snapkv": {"budget": 16, "window": 8},
+           "h2o": {"budget": 16}, "refreshkv": {"budget": 16}, "mixed": {"budget": 16},
+           "quantized": {}, "kivi": {}}
+
+
+def collectives_per_step(model, ids, policy, args, steps: int = 2) -> dict:
+    """The all-sums one decode step sends (calls and bytes), counted where the
+    model and the policies call them, after the prompt."""
+    cache = make_cache(model, policy, **args)
+    tokens = generate_step(ids, model, cache, make_sampler(0.0))
+    next(tokens)
+    sent, all_sum = [], mx.distributed.all_sum
+
+    def counted(x, **kwargs):
+        sent.append(x.nbytes)
+        return all_sum(x, **kwargs)
+
+    mx.distributed.all_sum = counted
+    try:
+        for _ in range(steps):  # each builds one more step
+            next(tokens)
+    finally:
+        mx.distributed.all_sum = all_sum
+    return {"calls": len(sent) / steps, "bytes": sum(sent) / steps}
+
+
 def sorted_per_head(retained: mx.array) -> list:
     return mx.sort(retained[0], axis=-1).tolist()  # [KV heads, budget]
 
@@ -46,5 +73,11 @@ if __name__ == "__main__":
     if group is not None:
         shard(model, group)
     rank = group.rank() if group else 0
+    report = {"rank": rank, **run(model, tokenizer)}
+    if group is not None:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                            add_generation_prompt=True)
+        report["collectives"] = {policy: collectives_per_step(model, ids, policy, args)
+                                 for policy, args in COUNTED.items()}
     out = Path(sys.argv[1]) / f"rank{rank}.json"
-    out.write_text(json.dumps({"rank": rank, **run(model, tokenizer)}))
+    out.write_text(json.dumps(report))

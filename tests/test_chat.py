@@ -227,7 +227,7 @@ def chat_cli(*args, stdin="", timeout=300):
 
 
 def test_piped_turns_and_a_session_that_survives_the_process(tmp_path):
-    session = tmp_path / "s.safetensors"
+    session = tmp_path / "chat.session"  # any name, not only *.safetensors
     common = ["--policy", "h2o", "--budget", "48", "--max-tokens", "30"]
     whole = chat_cli(*common, stdin="\n".join(QUESTIONS) + "\n")
     assert whole.returncode == 0, whole.stderr

@@ -6,9 +6,15 @@ from pathlib import Path
 README = Path(__file__).parent.parent / "README.md"
 
 
+def api_blocks():
+    """The Python blocks of the README's Python API section and after."""
+    api = README.read_text().split("\n## Python API\n", 1)[1]
+    return [b for b in re.findall(r"```python\n(.*?)```", api, re.S)
+            if "from mlx_kvcache import" in b]
+
+
 def test_python_api_example_runs(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    example = next(b for b in blocks if "from mlx_kvcache import" in b)
+    example = api_blocks()[0]
     exec(compile(example, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "Paris" in out
@@ -16,8 +22,7 @@ def test_python_api_example_runs(capsys):
 
 
 def test_chat_example_runs(tmp_path, monkeypatch, capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    first, chat = [b for b in blocks if "from mlx_kvcache import" in b][:2]
+    first, chat = api_blocks()[:2]
     assert "ChatSession" in chat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "report.txt").write_text("Section 1 measures rivers.\n\n"
