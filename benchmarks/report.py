@@ -274,18 +274,30 @@ def long_context_rows(result):
     return out
 
 
-def long_context_table(result) -> str:
+def long_context_table(result, timing=None) -> str:
+    """`timing`: a run from the same kept prefills with `--only-first`, on a
+    quiet machine; its ms/token replace the scoring run's where it has them."""
     rows = long_context_rows(result)
+    timed = long_context_rows(timing) if timing else {}
+    for context, labels in timed.items():
+        for label, (_, _, ms, _) in labels.items():
+            if label in rows.get(context, {}):
+                ratio, per_window, _, kv = rows[context][label]
+                rows[context][label] = (ratio, per_window, ms, kv)
     contexts = list(rows)
     windows = sorted({(c["text"], c["window"]) for c in result["checkpoints"]})
     texts = sorted({t for t, _ in windows})
     prefill = ", ".join(
-        f"{p['upto']} tokens in {p['seconds'] / 60:.0f} min" for p in result["prefill"]
-        if p["window"] == 0 and p["text"] == texts[0])
+        f"{p['upto']} tokens in {p['seconds'] / 60:.0f} min"
+        + (f" (going on from a kept prefill of {p['from']})" if p.get("from") else "")
+        for p in result["prefill"] if p["window"] == 0 and p["text"] == texts[0])
     lines = [f"Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, dequantized to float32): perplexity of the "
              f"last {result['scored']} tokens of each window, scored one token at a time, as a "
              f"ratio to full (over {len(windows)} window(s) from {', '.join(texts)}; per-window "
-             f"range in brackets); decode ms/token measured on those tokens; KV: what the "
+             f"range in brackets); decode ms/token measured on those tokens"
+             + (f" (for {', '.join(sorted({l for c in timed.values() for l in c}))}: on the "
+                f"first {timing['scored']} of them, in a second run with nothing else on the "
+                f"machine, {where(timing)})" if timed else "") + "; KV: what the "
              f"cache holds at the end. Prefill of the shared full track, one window: {prefill} "
              f"(SnapKV and RefreshKV continue from it, the other policies prefill their own). "
              f"{where(result)}", "",
@@ -662,6 +674,8 @@ TABLES = {
     "long_context": ("long_context", long_context_table,
                      "\n\n![decode vs full]({results}/long_context_speed.png)"),
     "long_context_quick": ("long_context_quick", long_context_table, ""),
+    "long_context_32k": ("long_context_32k",
+                         lambda r: long_context_table(r, load("long_context_32k_timing")), ""),
     "long_context_tradeoff": ("long_context_tradeoff",
                               lambda r: tradeoff_table(r, load("long_context_tradeoff_timing")),
                               "\n\n![RefreshKV trade-off at 8K]({results}/long_context_tradeoff.png)"),
