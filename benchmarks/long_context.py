@@ -220,11 +220,11 @@ def main():
                 stop = prompt_len - 1 - FORK_TAIL
                 kept = (Path(args.prefill_cache) / f"{text_name}-{first}-{stop}.safetensors"
                         if args.prefill_cache else None)
-                shorter = kept and longest_kept_below(kept.parent, text_name, first, stop)
                 if kept is not None and kept.exists():
                     tracks["full"] = load_cache(kept, model, policy="full")
                     log(f"{text_name} window {w}: full prefill to {stop} tokens from {kept}")
                 else:
+                    shorter = kept and longest_kept_below(kept.parent, text_name, first, stop)
                     if shorter and shorter[0] > tracks["full"][0].offset:
                         # A run that stopped at a shorter length: go on from it.
                         tracks["full"] = load_cache(shorter[1], model, policy="full")

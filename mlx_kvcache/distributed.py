@@ -47,8 +47,6 @@ def shard(model, group: mx.distributed.Group) -> None:
         raise UserError(f"cannot shard this model over {n} ranks: {', '.join(bad)} do not "
                         f"divide by {n}")
     model.shard(group)
-    # The cache a rank holds is its shard (cache_file names and checks it).
-    model.shard_group = group
     # The shards are slices of the whole weights: evaluated, the whole ones go.
     mx.eval(model.parameters())
 

@@ -181,7 +181,8 @@ class LlamaModel(nn.Module):
 class Model(nn.Module):
     # Qwen2/Qwen3 differ from Llama only in their attention's projections.
     attention_class = Attention
-    # The group this model is sharded over (mlx_kvcache.distributed), or None.
+    # The group shard() split this model over, or None: the cache a rank holds
+    # is its shard (mlx_kvcache.cache_file names and checks it).
     shard_group = None
 
     def __init__(self, args: ModelArgs):
@@ -219,6 +220,7 @@ class Model(nn.Module):
         # o_proj and down_proj sum across the ranks.
         group = group or mx.distributed.init()
         N = group.size()
+        self.shard_group = group
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)

@@ -19,10 +19,13 @@ LAUNCH = Path(sys.executable).parent / "mlx.launch"
 LOGIT_TOLERANCE = 1e-3
 
 
-def launch(ranks, *command, timeout=420):
-    return subprocess.run([str(LAUNCH), "-n", str(ranks), "--backend", "ring", *command],
-                          capture_output=True, text=True, timeout=timeout, env=os.environ,
-                          stdin=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
+def launch(ranks, *command, timeout=420, input=None):
+    """`command` over `ranks` local ranks (run alone for one rank)."""
+    if ranks > 1:
+        command = (str(LAUNCH), "-n", str(ranks), "--backend", "ring", *command)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=os.environ, cwd=Path(__file__).parent.parent, input=input,
+                          stdin=subprocess.DEVNULL if input is None else None)
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +92,8 @@ def test_a_chat_over_three_ranks_says_what_one_process_says_and_its_session_surv
         # mlx.launch never passes the end of its input on: a sharded chat ends
         # with /exit.
         stdin += "/exit\n"
-        command = [sys.executable, "-m", "mlx_kvcache.chat", *common, *args]
-        if ranks == 1:
-            return subprocess.run(command, input=stdin, capture_output=True, text=True,
-                                  timeout=300, cwd=Path(__file__).parent.parent)
-        return subprocess.run([str(LAUNCH), "-n", str(ranks), "--backend", "ring", *command],
-                              input=stdin, capture_output=True, text=True, timeout=300,
-                              cwd=Path(__file__).parent.parent)
+        return launch(ranks, sys.executable, "-m", "mlx_kvcache.chat", *common, *args,
+                      timeout=300, input=stdin)
 
     alone = chat(1, stdin="\n".join(questions) + "\n")
     assert alone.returncode == 0, alone.stderr
