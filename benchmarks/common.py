@@ -16,6 +16,8 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mlx_kvcache.doctor import openblas_core  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -36,6 +38,7 @@ def provenance() -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "commit": commit,
             "openblas_preload": "openblas" in os.environ.get("LD_PRELOAD", ""),
+            "openblas_core": openblas_core(),
             "date": time.strftime("%Y-%m-%d"),
             "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}
 

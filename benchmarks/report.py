@@ -36,7 +36,8 @@ def where(result) -> str:
     if "provenance" not in result:  # written before provenance was recorded
         return f"_{result['device']}, MLX {result['mlx']}, this repository's CPU machine._"
     p = result["provenance"]
-    return (f"_{p['device']} on {p['machine']}, MLX {p['mlx']}, mlx-lm {p['mlx_lm']}, "
+    blas = f", OpenBLAS {p['openblas_core']} kernels" if p.get("openblas_core") else ""
+    return (f"_{p['device']} on {p['machine']}{blas}, MLX {p['mlx']}, mlx-lm {p['mlx_lm']}, "
             f"commit {p['commit']}, {p['date']}{how}._")
 
 
@@ -487,16 +488,60 @@ def distributed_table(result) -> str:
     return "\n".join(lines)
 
 
-def cpu_streams_table(result) -> str:
+def long_generation_table(result) -> str:
+    """Per policy and context: needle hits (and which depths missed), long-form
+    agreement with full."""
+    runs = result["runs"]
+    columns = sorted({(r["task"], r["context"]) for r in runs}, key=lambda c: (c[0] != "needle", c[1]))
+    labels = list(dict.fromkeys(long_label(e) for r in runs for e in r["results"]))
+    texts = sorted({r["text"] for r in runs})
+    header = []
+    for task, context in columns:
+        header.append(f"{context // 1024}K needle" if task == "needle"
+                      else f"{context // 1024}K long-form agreement / ROUGE-L")
+    lines = [f"{result['model'].split('/')[-1]}: needle, a pass key at depths "
+             f"{', '.join(sorted({str(r['depth']) for r in runs if r['depth'] is not None}))} of "
+             f"each haystack ({', '.join(texts)}), found in {result['needle_tokens']} greedy "
+             f"tokens (the depths missed in brackets); long-form, {result['max_tokens']} greedy "
+             "tokens after a window of each text, the share equal to full's and ROUGE-L "
+             "against them. Full, SnapKV and RefreshKV continue one full prefill of each "
+             f"prompt; the others prefill their own. {where(result)}", "",
+             "| policy | " + " | ".join(header) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for label in labels:
+        cells = []
+        for task, context in columns:
+            entries = [(r, e) for r in runs if (r["task"], r["context"]) == (task, context)
+                       for e in r["results"] if long_label(e) == label]
+            if not entries:
+                cells.append("—")
+            elif task == "needle":
+                missed = sorted({f"{r['text'][0]}{r['depth']}" for r, e in entries
+                                 if not e["correct"]})
+                hits = sum(e["correct"] for _, e in entries)
+                cells.append(f"{hits}/{len(entries)}" + (f" ({' '.join(missed)})" if missed else ""))
+            else:
+                agreement = sum(e["agreement"] for _, e in entries) / len(entries)
+                rouge = sum(e["rouge_l"] for _, e in entries) / len(entries)
+                cells.append(f"{agreement:.2f} / {rouge:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_attention_table(result) -> str:
+    paths = ("mlx one op", "cpu streams", "numpy softmax")
     lines = [f"{result['model'].split('/')[-1]} prefill of the coreutils manual, the whole "
-             f"cache (`full`), best of {result['repeats']}: attention as one op on one "
-             "thread against split by KV heads over one CPU stream per core (the default); "
-             f"`mx.exp` here: {result['exp_per_s'] / 1e6:.0f} M elements/s, a softmax "
-             f"{result['softmax_per_s'] / 1e6:.0f} M/s. {where(result)}", "",
-             "| prompt tokens | one stream s | split s | speed-up |", "|---:|---:|---:|---:|"]
+             f"cache (`full`), best of {result['repeats']}: attention as MLX's one op on one "
+             "thread, split by KV heads over one CPU stream per core, and with numpy's "
+             "softmax (the default for float32). Exponentials per second on one core: "
+             f"`mx.exp` {result['mx_exp_per_s'] / 1e6:.0f} M, MLX's softmax "
+             f"{result['mx_softmax_per_s'] / 1e6:.0f} M, numpy's `exp` "
+             f"{result['numpy_exp_per_s'] / 1e6:.0f} M. {where(result)}", "",
+             "| prompt tokens | " + " | ".join(f"{p} s" for p in paths)
+             + " | numpy vs one op |", "|---:|---:|---:|---:|---:|"]
     for row in result["prefill"]:
-        lines.append(f"| {row['tokens']} | {row['one stream']:.1f} | {row['split']:.1f} | "
-                     f"{row['speedup']:.2f}x |")
+        lines.append(f"| {row['tokens']} | " + " | ".join(f"{row[p]:.1f}" for p in paths)
+                     + f" | {row['mlx one op'] / row['numpy softmax']:.1f}x |")
     return "\n".join(lines)
 
 
@@ -686,7 +731,9 @@ TABLES = {
     "ffn_sparsity": ("ffn_sparsity", ffn_sparsity_table,
                      "\n\n![FFN sparsity]({results}/ffn_sparsity.png)"),
     "ffn_sparsity_quick": ("ffn_sparsity_quick", ffn_sparsity_table, ""),
-    "cpu_streams": ("cpu_streams", cpu_streams_table, ""),
+    "cpu_attention": ("cpu_attention", cpu_attention_table, ""),
+    "long_generation": ("long_generation", long_generation_table, ""),
+    "long_generation_quick": ("long_generation_quick", long_generation_table, ""),
     "distributed": ("distributed", distributed_table, ""),
     "distributed_quick": ("distributed_quick", distributed_table, ""),
     "multi_turn": ("multi_turn", multi_turn_table,

@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from mlx_kvcache import kernel_probe, kernels
+from mlx_kvcache import cpu_attention, kernel_probe, kernels
 from mlx_kvcache.quantized_attention import grouped_queries, packed_scores
 
 
@@ -28,10 +28,25 @@ def dense(
     mask: None, "causal" (the L queries are the last L of the N keys), or an
     additive/boolean array broadcastable to [B, Hq, L, N].
 
-    On the CPU a large product is split by KV heads over CPU streams (see
-    `_cpu_streams`); each head's arithmetic is the same, so the output is too.
+    On the CPU a large float32 product goes to numpy's vectorised softmax
+    (`cpu_attention`, within rounding of MLX's); another dtype is split by KV
+    heads over CPU streams (`dense_over_cpu_streams`), each head's arithmetic the same, so
+    the output is too.
     """
-    streams = _cpu_streams(queries, keys)
+    if not _large_on_cpu(queries, keys):
+        return mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=mask
+        )
+    if cpu_attention.supported(queries, keys, values):
+        return cpu_attention.dense(queries, keys, values, scale=scale, mask=mask)
+    return dense_over_cpu_streams(queries, keys, values, scale=scale, mask=mask)
+
+
+def dense_over_cpu_streams(queries, keys, values, *, scale, mask=None) -> mx.array:
+    """`dense` split by KV heads over one CPU stream per core: ops on different
+    CPU streams run on different threads (1.6x on 2 cores, measured), and each
+    head's arithmetic is one op's, so the output is bit-identical."""
+    streams = _cpu_streams(keys)
     if len(streams) < 2:
         return mx.fast.scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=mask
@@ -51,22 +66,22 @@ def dense(
 
 
 # MLX's CPU backend runs an op on one thread (BLAS aside), and a long prefill's
-# time is mostly its softmax: ~70 M exponentials/s here, 14 heads x 24 layers x
-# L^2/2 of them, ~40 minutes at 32K tokens on Qwen2.5-Coder-0.5B. Ops on
-# different CPU streams run on different threads, so heads split over one
-# stream per core use every core (1.6x on 2 cores, measured). Below this many
-# scores a product is too small to pay for the split.
+# time is mostly its softmax: ~50-70 M exponentials/s here, 14 heads x 24 layers
+# x L^2/2 of them, ~40 minutes at 32K tokens on Qwen2.5-Coder-0.5B. Below this
+# many scores (decode steps, short prompts) a product is too small to pay for
+# leaving MLX's one op.
 CPU_SPLIT_MIN_SCORES = 1 << 21
 _cpu_stream_pool: list = []
 
 
-def _cpu_streams(queries: mx.array, keys: mx.array) -> list:
-    """The CPU streams to split this product over: none off the CPU, for one
-    KV head, or for a small product."""
+def _large_on_cpu(queries: mx.array, keys: mx.array) -> bool:
     B, n_q_heads, L, _ = queries.shape
-    if (mx.default_device() != mx.cpu or keys.shape[1] < 2
-            or B * n_q_heads * L * keys.shape[2] < CPU_SPLIT_MIN_SCORES):
-        return []
+    return (mx.default_device() == mx.cpu
+            and B * n_q_heads * L * keys.shape[2] >= CPU_SPLIT_MIN_SCORES)
+
+
+def _cpu_streams(keys: mx.array) -> list:
+    """One CPU stream per core, at most one per KV head."""
     if not _cpu_stream_pool:
         _cpu_stream_pool.extend(mx.new_stream(mx.cpu) for _ in range(os.cpu_count() or 1))
     return _cpu_stream_pool[: min(keys.shape[1], len(_cpu_stream_pool))]
@@ -127,8 +142,11 @@ def scores(
     queries [B, Hq, L, D], keys [B, Hkv, N, D] -> [B, Hq, L, N]; mask: boolean,
     broadcastable to [L, N], True where a query may look. The product runs in
     the keys' dtype (no float32 copy of the cache); only the L score rows are
-    float32 (one row on a refresh step).
+    float32 (one row on a refresh step). A large float32 product on the CPU:
+    numpy's softmax (`cpu_attention.probabilities`), as in `dense`.
     """
+    if _large_on_cpu(queries, keys) and cpu_attention.supported(queries, keys):
+        return cpu_attention.probabilities(queries, keys, scale=scale, mask=mask)
     B, n_q_heads, L, D = queries.shape
     n_kv_heads = keys.shape[1]
     groups = n_q_heads // n_kv_heads

@@ -12,6 +12,7 @@ installed offline, and a one-line verdict. Exits 1 when something is broken.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -90,7 +91,40 @@ def blas() -> dict:
     # numpy's own OpenBLAS (scipy_openblas) is mapped too, but serves only numpy.
     openblas = [p for p in libraries if "openblas" in p and "scipy_openblas" not in p]
     return {"applies": True, "openblas_loaded": bool(openblas),
+            "openblas_core": openblas_core() if openblas else None,
+            "suggested_coretype": suggested_coretype(),
             "ld_preload": os.environ.get("LD_PRELOAD", ""), "libraries": libraries}
+
+
+def openblas_core():
+    """The kernel family the preloaded OpenBLAS chose for this CPU, or None."""
+    try:
+        corename = ctypes.CDLL(None).openblas_get_corename
+    except (OSError, AttributeError):
+        return None
+    corename.restype = ctypes.c_char_p
+    return corename().decode()
+
+
+# OpenBLAS's generic x86-64 kernels: what an OpenBLAS too old for the CPU picks.
+GENERIC_CORES = {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom"}
+
+
+def suggested_coretype():
+    """OPENBLAS_CORETYPE for this CPU's vector units (the Makefile's rule), or None."""
+    try:
+        flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "SkylakeX" if "avx512bw" in flags else "Haswell" if "avx2" in flags else None
+
+
+def generic_openblas(blas_report: dict) -> bool:
+    """OpenBLAS runs its generic kernels on a CPU with wider vector units:
+    float32 matmul ~5x slower (docs/cpu.md)."""
+    return (blas_report.get("openblas_core") in GENERIC_CORES
+            and blas_report.get("suggested_coretype") is not None)
 
 
 def probes() -> dict:
@@ -190,9 +224,14 @@ def verdict(report: dict):
         return False, (f"BROKEN: {len(failed)} of {len(kernel_report['variants'])} kernel "
                        "variants disabled (the references serve them, output stays correct); "
                        "please send this report")
-    slow_cpu = report["blas"].get("applies") and not report["blas"]["openblas_loaded"]
-    cpu_note = (" (OpenBLAS not loaded: CPU matmuls run slow, see docs/cpu.md)"
-                if slow_cpu and not kernel_report["used"] else "")
+    blas_report = report["blas"]
+    cpu_note = ""
+    if blas_report.get("applies") and not blas_report["openblas_loaded"]:
+        cpu_note = " (OpenBLAS not loaded: CPU matmuls run slow, see docs/cpu.md)"
+    elif blas_report.get("applies") and generic_openblas(blas_report):
+        cpu_note = (f" (OpenBLAS runs its generic {blas_report['openblas_core']} kernels: "
+                    f"start Python with OPENBLAS_CORETYPE={blas_report['suggested_coretype']}, "
+                    "see docs/cpu.md)")
     if not kernel_report["used"]:
         return True, (f"OK: no fused kernels here ({kernel_report['why']}); the pure-MLX "
                       f"references serve every shape{cpu_note}")
@@ -220,7 +259,9 @@ def print_report(report: dict) -> None:
           f"{'yes' if b['metal_available'] else 'no'}, CUDA {'yes' if b['cuda_available'] else 'no'}")
     if report["blas"]["applies"]:
         blas_report = report["blas"]
-        state = "OpenBLAS loaded" if blas_report["openblas_loaded"] else "OpenBLAS NOT loaded"
+        state = ("OpenBLAS NOT loaded" if not blas_report["openblas_loaded"]
+                 else f"OpenBLAS loaded ({blas_report['openblas_core']} kernels"
+                 + (", generic: slow" if generic_openblas(blas_report) else "") + ")")
         print(f"blas       {state}: {', '.join(blas_report['libraries']) or 'no BLAS mapped'}")
     k = report["kernels"]
     if not k["used"]:

@@ -130,8 +130,12 @@ def window_nll(model, spec: PolicySpec, window: List[int], score_last: int,
     return total / score_last, per_block, decode_ms
 
 
-def greedy(model, cache, prompt: List[int], max_tokens: int, stop=()) -> List[int]:
-    prefill(model, cache, prompt)
+def greedy(model, cache, prompt: List[int], max_tokens: int, stop=(),
+           prefilled: bool = False) -> List[int]:
+    """Greedy tokens after `prompt`; prefilled: `cache` already holds all of it
+    but its last token (as `prefill` and `continue_from_full` leave it)."""
+    if not prefilled:
+        prefill(model, cache, prompt)
     token, out = prompt[-1], []
     for _ in range(max_tokens):
         token = model(mx.array([[token]]), cache=cache)[0, -1].argmax().item()

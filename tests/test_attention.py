@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_kvcache import attention
+from mlx_kvcache import attention, cpu_attention
 
 # float32 attention vs a reference that computes the same sums in another order.
 FP32_TOL = 1e-5
@@ -65,14 +65,69 @@ def test_scores_are_softmax_rows_of_the_real_queries():
 
 @pytest.mark.parametrize("n_q_heads, n_kv_heads", [(14, 2), (9, 3), (8, 8)])
 @pytest.mark.parametrize("mask", [None, "causal", "per-head array"])
-def test_dense_split_over_cpu_streams_is_bit_identical(monkeypatch, n_q_heads, n_kv_heads, mask):
+def test_dense_split_over_cpu_streams_is_bit_identical(n_q_heads, n_kv_heads, mask):
     q, k, v = random_qkv(B=1, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, L=64, N=512)
     if mask == "per-head array":
         mask = mx.random.uniform(shape=(1, n_q_heads, 64, 512)) > 0.3
-    monkeypatch.setattr(attention, "CPU_SPLIT_MIN_SCORES", 1 << 62)
-    assert attention._cpu_streams(q, k) == []
-    whole = attention.dense(q, k, v, scale=0.2, mask=mask)
-    monkeypatch.setattr(attention, "CPU_SPLIT_MIN_SCORES", 0)
-    assert len(attention._cpu_streams(q, k)) == min(n_kv_heads, os.cpu_count())
-    split = attention.dense(q, k, v, scale=0.2, mask=mask)
+    assert len(attention._cpu_streams(k)) == min(n_kv_heads, os.cpu_count())
+    whole = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask)
+    split = attention.dense_over_cpu_streams(q, k, v, scale=0.2, mask=mask)
     assert mx.array_equal(whole, split)
+
+
+def cpu_attention_masks(n_q_heads, L, N):
+    """Each kind of mask `dense` takes, as the policies and ports pass them."""
+    mx.random.seed(3)
+    window = (mx.arange(N)[None] <= mx.arange(N - L, N)[:, None]) & (
+        mx.arange(N)[None] > mx.arange(N - L, N)[:, None] - 100)
+    return {
+        "none": None,
+        "causal": "causal",
+        "per-head boolean": mx.random.uniform(shape=(1, n_q_heads, L, N)) > 0.3,
+        "sliding window": window,
+        "additive": mx.where(window, 0.0, -1e9),
+    }
+
+
+@pytest.mark.parametrize("n_q_heads, n_kv_heads", [(14, 2), (9, 3), (4, 4)])
+@pytest.mark.parametrize("L, N", [(300, 300), (700, 900)])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "per-head boolean",
+                                       "sliding window", "additive"])
+def test_cpu_attention_matches_mlx_within_fp32_tolerance(n_q_heads, n_kv_heads, L, N, mask_kind):
+    # L past one block of rows and not a multiple of it; N > L puts the causal
+    # diagonal off the corner (queries continuing a cache).
+    q, k, v = random_qkv(B=2, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, L=L, N=N, D=64)
+    mask = cpu_attention_masks(n_q_heads, L, N)[mask_kind]
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    got = cpu_attention.dense(q, k, v, scale=0.125, mask=mask)
+    assert got.shape == expected.shape and got.dtype == mx.float32
+    assert mx.allclose(got, expected, atol=FP32_TOL, rtol=FP32_TOL).item()
+
+
+def test_dense_routes_large_cpu_products_by_dtype(monkeypatch):
+    q, k, v = random_qkv(B=1, n_q_heads=8, n_kv_heads=2, L=64, N=512)
+    routed = []
+    monkeypatch.setattr(attention.cpu_attention, "dense",
+                        lambda *a, **kw: routed.append("numpy") or q)
+    monkeypatch.setattr(attention, "dense_over_cpu_streams",
+                        lambda *a, **kw: routed.append("streams") or q)
+    attention.dense(q, k, v, scale=0.2)
+    monkeypatch.setattr(attention, "CPU_SPLIT_MIN_SCORES", 0)
+    attention.dense(q, k, v, scale=0.2)
+    attention.dense(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale=0.2)
+    assert routed == ["numpy", "streams"]
+
+
+@pytest.mark.parametrize("L, N", [(64, 300), (300, 700)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_probabilities_match_mlx_scores_within_fp32_tolerance(monkeypatch, L, N, masked):
+    # H2O's and mixed precision's prompt scoring: causal rows over all keys so far.
+    q, k, _ = random_qkv(B=1, n_q_heads=14, n_kv_heads=2, L=L, N=N, D=64)
+    mask = (mx.arange(N)[None] <= mx.arange(N - L, N)[:, None]) if masked else None
+    got = cpu_attention.probabilities(q, k, scale=0.125, mask=mask)
+    monkeypatch.setattr(attention, "CPU_SPLIT_MIN_SCORES", 1 << 62)
+    expected = attention.scores(q, k, 0.125, mask=mask)
+    assert got.shape == expected.shape == (1, 14, L, N) and got.dtype == mx.float32
+    assert mx.allclose(got, expected, atol=FP32_TOL, rtol=FP32_TOL).item()
+    if masked:
+        assert mx.all(mx.where(mask, 0.0, got) == 0).item()

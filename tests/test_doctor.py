@@ -7,14 +7,15 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import pytest
 
 from mlx_kvcache import attention, doctor, kernels
 from tests.test_kernel_probe import wrong
 
 
-def run_doctor(*args):
+def run_doctor(*args, env=None):
     return subprocess.run([sys.executable, "-m", "mlx_kvcache.doctor", *args],
-                          capture_output=True, text=True, env=os.environ, timeout=300)
+                          capture_output=True, text=True, env=env or os.environ, timeout=300)
 
 
 def test_the_doctor_on_this_cpu_reports_and_exits_0():
@@ -39,6 +40,21 @@ def test_the_doctor_speaks_json():
     assert report["kernels"] == {"used": False, "why": "no GPU backend", "variants": []}
     assert report["timing"]["reference_ms"] > 0 and report["timing"]["fused_ms"] is None
     assert report["versions"]["mlx"] == mx.__version__
+
+
+@pytest.mark.skipif(not doctor.blas().get("openblas_loaded") or not doctor.suggested_coretype(),
+                    reason="needs the preloaded OpenBLAS on an AVX2 CPU (make test)")
+def test_the_doctor_names_openblas_generic_kernels_and_the_fix():
+    # What an OpenBLAS too old for the CPU picks by itself (Debian 12's on newer Xeons).
+    done = run_doctor("--json", env={**os.environ, "OPENBLAS_CORETYPE": "Prescott"})
+    report = json.loads(done.stdout)
+    assert report["blas"]["openblas_core"] == "Prescott"
+    suggested = report["blas"]["suggested_coretype"]
+    assert f"start Python with OPENBLAS_CORETYPE={suggested}" in report["verdict"]
+    fixed = json.loads(run_doctor("--json", env={**os.environ,
+                                                 "OPENBLAS_CORETYPE": suggested}).stdout)
+    assert fixed["blas"]["openblas_core"] == suggested
+    assert "OPENBLAS_CORETYPE" not in fixed["verdict"]
 
 
 def test_a_broken_variant_makes_the_doctor_fail(fake_gpu, capsys):
