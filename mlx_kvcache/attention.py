@@ -30,8 +30,7 @@ def dense(
 
     On the CPU a large float32 product goes to numpy's vectorised softmax
     (`cpu_attention`, within rounding of MLX's); another dtype is split by KV
-    heads over CPU streams (`dense_over_cpu_streams`), each head's arithmetic the same, so
-    the output is too.
+    heads over CPU streams (`dense_over_cpu_streams`, bit-identical to one op).
     """
     if not _large_on_cpu(queries, keys):
         return mx.fast.scaled_dot_product_attention(
@@ -66,8 +65,9 @@ def dense_over_cpu_streams(queries, keys, values, *, scale, mask=None) -> mx.arr
 
 
 # MLX's CPU backend runs an op on one thread (BLAS aside), and a long prefill's
-# time is mostly its softmax: ~50-70 M exponentials/s here, 14 heads x 24 layers
-# x L^2/2 of them, ~40 minutes at 32K tokens on Qwen2.5-Coder-0.5B. Below this
+# time is mostly its softmax: ~40-70 M exponentials/s here, 14 heads x 24 layers
+# x L^2/2 of them, ~40 minutes at 32K tokens on Qwen2.5-Coder-0.5B (numpy's
+# softmax: ~15, estimated; docs/cpu.md). Below this
 # many scores (decode steps, short prompts) a product is too small to pay for
 # leaving MLX's one op.
 CPU_SPLIT_MIN_SCORES = 1 << 21

@@ -1,14 +1,14 @@
 """Dense float32 attention for MLX's CPU backend, with numpy doing the softmax.
 
-MLX's CPU backend computes `exp` one element at a time on one thread: 48 M/s
-here, against numpy's vectorised (AVX-512) 1,150 M/s on the same core. A long
+MLX's CPU backend computes `exp` one element at a time on one thread: ~40-50 M/s
+here, against numpy's vectorised (AVX-512) ~1,100 M/s on the same core. A long
 prefill is mostly exponentials (Qwen2.5-Coder-0.5B: 14 heads x 24 layers x L²/2
 of them), so for large products this path moves the scores to numpy, a block of
 query rows of one KV head's group at a time, and back: q·Kᵀ and P·V by BLAS,
 the softmax by numpy's ufuncs, the blocks spread over one thread per core
-(numpy releases the GIL), each calling BLAS single-threaded. Under a causal mask a block reads only the keys its
-rows may see, so a prefill from an empty cache computes half the scores
-`mx.fast.scaled_dot_product_attention` does.
+(numpy releases the GIL), each calling BLAS single-threaded. Under a causal
+mask a block reads only the keys its rows may see, so a prefill from an empty
+cache computes half the scores `mx.fast.scaled_dot_product_attention` does.
 
 The arithmetic is attention's own (max-subtracted softmax, normalised after
 P·V); it differs from MLX's in rounding only (see tests/test_attention.py for the
@@ -24,8 +24,9 @@ from typing import Optional, Union
 import mlx.core as mx
 import numpy as np
 
-# Rows of one block: 256 rows x 14 heads' group x 32K keys is ~235 MB of scores
-# at the longest context this package measures, two blocks in flight.
+# Query rows of one block: 256 rows x 7 query heads of a KV group x 32K keys x 4
+# bytes is ~235 MB of scores at the longest context measured here, one block in
+# flight per core.
 BLOCK_ROWS = 256
 _pool: list = []
 
