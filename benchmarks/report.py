@@ -499,13 +499,20 @@ def long_generation_table(result) -> str:
     for task, context in columns:
         header.append(f"{context // 1024}K needle" if task == "needle"
                       else f"{context // 1024}K long-form agreement / ROUGE-L")
-    lines = [f"{result['model'].split('/')[-1]}: needle, a pass key at depths "
-             f"{', '.join(sorted({str(r['depth']) for r in runs if r['depth'] is not None}))} of "
-             f"each haystack ({', '.join(texts)}), found in {result['needle_tokens']} greedy "
-             f"tokens (the depths missed in brackets); long-form, {result['max_tokens']} greedy "
-             "tokens after a window of each text, the share equal to full's and ROUGE-L "
-             "against them. Full, SnapKV and RefreshKV continue one full prefill of each "
-             f"prompt; the others prefill their own. {where(result)}", "",
+    tasks = {task for task, _ in columns}
+    described = []
+    if "needle" in tasks:
+        depths = sorted({str(r["depth"]) for r in runs if r["depth"] is not None})
+        described.append(
+            f"needle, a pass key at depths {', '.join(depths)} of each haystack "
+            f"({', '.join(texts)}), found in {result['needle_tokens']} greedy tokens (the "
+            "misses in brackets, by the haystack's initial and the depth)")
+    if "longform" in tasks:
+        described.append(f"long-form, {result['max_tokens']} greedy tokens after a window of "
+                         "each text, the share equal to full's and ROUGE-L against them")
+    lines = [f"{result['model'].split('/')[-1]}: {'; '.join(described)}. Full, SnapKV and "
+             "RefreshKV continue one full prefill of each prompt; the others prefill their "
+             f"own. {where(result)}", "",
              "| policy | " + " | ".join(header) + " |",
              "|---|" + "---:|" * len(columns)]
     for label in labels:
