@@ -50,11 +50,11 @@ def specs_for(policies, ratios):
     return specs
 
 
-def prompts(task, tokenizer, length, depths, max_tokens, seed):
-    """(haystack or text name, depth or None, key or None, prompt tokens) to run."""
+def prompts(task, tokenizer, texts, length, depths, max_tokens, seed):
+    """(haystack or text name, depth or None, key or None, prompt tokens) to run;
+    texts: {name: its tokens}."""
     keys = random.Random(seed)
-    for name, path in TEXTS.items():
-        tokens = tokenizer.encode(read_text(path), add_special_tokens=False)[START:]
+    for name, tokens in texts.items():
         if task == "needle":
             for depth in depths:
                 key = str(keys.randint(10000, 99999))
@@ -114,6 +114,8 @@ def main():
 
     model, tokenizer = load(MODEL)
     specs = specs_for(policies, ratios)
+    texts = {name: tokenizer.encode(read_text(path), add_special_tokens=False)[START:]
+             for name, path in TEXTS.items()}
     report = {"benchmark": "long_generation", "model": model.source, "quick": quick,
               "lengths": lengths, "ratios": ratios, "policies": [s.label() for s in specs],
               "needle_tokens": NEEDLE_TOKENS, "max_tokens": args.max_tokens, "runs": []}
@@ -121,7 +123,7 @@ def main():
         max_tokens = NEEDLE_TOKENS if task == "needle" else args.max_tokens
         stop = tokenizer.eos_token_ids if task == "needle" else ()
         for length in lengths:
-            for text, depth, key, prompt in prompts(task, tokenizer, length, depths,
+            for text, depth, key, prompt in prompts(task, tokenizer, texts, length, depths,
                                                     args.max_tokens, args.seed):
                 log(f"{task} {length} {text}" + (f" depth {depth}" if depth is not None else ""))
                 outputs = generate_all(model, specs, prompt, max_tokens, stop, log)
