@@ -67,9 +67,8 @@ def dense_over_cpu_streams(queries, keys, values, *, scale, mask=None) -> mx.arr
 # MLX's CPU backend runs an op on one thread (BLAS aside), and a long prefill's
 # time is mostly its softmax: ~40-70 M exponentials/s here, 14 heads x 24 layers
 # x L^2/2 of them, ~40 minutes at 32K tokens on Qwen2.5-Coder-0.5B (numpy's
-# softmax: ~15, estimated; docs/cpu.md). Below this
-# many scores (decode steps, short prompts) a product is too small to pay for
-# leaving MLX's one op.
+# softmax: ~15, estimated; docs/cpu.md). Below this many scores (decode steps,
+# short prompts) a product is too small to pay for leaving MLX's one op.
 CPU_SPLIT_MIN_SCORES = 1 << 21
 _cpu_stream_pool: list = []
 
