@@ -49,6 +49,8 @@ SCORED = 256
 QUICK_SCORED = 128
 # Where the windows start in each text: past the table of contents, then spread.
 START = 2000
+# The policies that keep every token (so no ratio): run once, beside the budgeted.
+UNBUDGETED = {"quantized": {"kv_bits": 4}, "kivi": {"kv_bits": 4}}
 
 
 def tradeoff_at(ratio: float):
@@ -194,8 +196,11 @@ def main():
     model, tokenizer = load(MODEL)
     twin = mlx_lm_twin(model)
     reference = MlxLmKVCache(twin)
-    specs = [PolicySpec("full")] + [s for r in ratios for s in specs_at(r, quick)
-                                    if not args.policies or s.name in args.policies.split(",")]
+    specs = [PolicySpec("full")] + [s for r in ratios for s in specs_at(r, quick)]
+    if not quick:
+        specs += [PolicySpec(name, kw) for name, kw in UNBUDGETED.items()]
+    if args.policies:
+        specs = specs[:1] + [s for s in specs[1:] if s.name in args.policies.split(",")]
     if args.defaults_only:
         specs = [s for s in specs if set(s.args) <= {"budget_ratio", "kv_bits"}]
     references = [] if args.defaults_only else [reference]

@@ -27,7 +27,7 @@ from fractions import Fraction
 
 import mlx.core as mx
 from common import write_result
-from long_context import MODEL, START, TEXTS, advance
+from long_context import MODEL, START, TEXTS, UNBUDGETED, advance
 
 from mlx_kvcache import load, make_cache
 from mlx_kvcache.evaluate import (FORK_TAIL, PolicySpec, continue_from_full,
@@ -37,9 +37,8 @@ from mlx_kvcache.evaluate import (FORK_TAIL, PolicySpec, continue_from_full,
 NEEDLE_TOKENS = 8
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # Every policy: the evicting and selecting ones at each ratio, the quantized
-# ones (they keep every token, so no ratio) once.
+# ones (UNBUDGETED) once.
 BUDGETED = ("streaming", "snapkv", "h2o", "refreshkv", "mixed")
-UNBUDGETED = {"quantized": {"kv_bits": 4}, "kivi": {"kv_bits": 4}}
 
 
 def specs_for(policies, ratios):
@@ -96,6 +95,8 @@ def main():
     parser.add_argument("--policies", default=",".join(BUDGETED + tuple(UNBUDGETED)),
                         help="comma-separated (full always runs)")
     parser.add_argument("--depths", default=None, help="needle depths (default 0.1,...,0.9)")
+    parser.add_argument("--texts", default=",".join(TEXTS),
+                        help=f"comma-separated haystacks / texts, of {', '.join(TEXTS)}")
     parser.add_argument("--max-tokens", type=int, default=128, help="longform tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None,
@@ -110,12 +111,15 @@ def main():
     unknown = set(policies) - set(BUDGETED) - set(UNBUDGETED)
     if unknown:
         raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
+    unknown = set(args.texts.split(",")) - set(TEXTS)
+    if unknown:
+        raise SystemExit(f"unknown texts: {', '.join(sorted(unknown))}")
     log = lambda line: print(line, flush=True)  # noqa: E731
 
     model, tokenizer = load(MODEL)
     specs = specs_for(policies, ratios)
-    texts = {name: tokenizer.encode(read_text(path), add_special_tokens=False)[START:]
-             for name, path in TEXTS.items()}
+    texts = {name: tokenizer.encode(read_text(TEXTS[name]), add_special_tokens=False)[START:]
+             for name in args.texts.split(",")}
     report = {"benchmark": "long_generation", "model": model.source, "quick": quick,
               "lengths": lengths, "ratios": ratios, "policies": [s.label() for s in specs],
               "needle_tokens": NEEDLE_TOKENS, "max_tokens": args.max_tokens, "runs": []}

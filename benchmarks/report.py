@@ -50,23 +50,54 @@ def probe_note(result) -> str:
             f"lowest {min(probes.values()):.1f} GB/s)")
 
 
+def model_name(result) -> str:
+    name = result["model"].split("/")[-1].removesuffix(".gguf")
+    return {"SmolLM2-135M-Instruct.Q4_1": "SmolLM2-135M"}.get(name, name)
+
+
 def speed_table(result) -> str:
-    lines = [f"Decode and prefill on SmolLM2-135M, budget = context/8 for the budgeted "
+    forked = any(r.get("forked") for r in result["rows"])
+    lines = [f"Decode and prefill on {model_name(result)}, budget = context/8 for the budgeted "
              f"caches; median over {result['repeats']} interleaved rounds of "
              f"{result['steps_per_repeat']} tokens (range in brackets). Roofline: the bytes a "
              f"decode step must move (weights {result['weight_bytes'] / 2**20:.0f} MiB + attended "
              f"KV) at the measured {result['bandwidth_gb_per_s']:.1f} GB/s{probe_note(result)}, "
-             f"as a share of the measured step. {where(result)}", "",
+             f"as a share of the measured step."
+             + (" Forked (*): the cache continued one shared full prefill of the prompt "
+                "(exact for these policies); its prefill tok/s is that prefill's, and its peak "
+                "counts from the shared cache on." if forked else "")
+             + f" {where(result)}", "",
              "| context | cache | decode ms/token | vs full | prefill tok/s | KV held MiB | "
              "peak +MiB | roofline |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     full = {r["context"]: r["decode_ms_per_token"] for r in result["rows"] if r["cache"] == "full"}
     for r in result["rows"]:
         ms = r["decode_ms_all"]
         lines.append(
-            f"| {r['context']} | {r['cache']} | {r['decode_ms_per_token']:.1f} "
+            f"| {r['context']} | {r['cache']}{' (*)' if r.get('forked') else ''} | "
+            f"{r['decode_ms_per_token']:.1f} "
             f"[{min(ms):.1f}-{max(ms):.1f}] | {r['decode_ms_per_token'] / full[r['context']]:.2f}x | "
             f"{r['prefill_tok_per_s']:.0f} | {r['kv_bytes'] / 2**20:.1f} | "
             f"{r['peak_memory_delta_bytes'] / 2**20:.0f} | {100 * r['roofline_fraction']:.0f}% |")
+    return "\n".join(lines)
+
+
+def crossover_table(result) -> str:
+    """Per cache: the first measured context from which its decode step is
+    faster than full's (and stays so), and its ratio to full at each context."""
+    contexts = sorted({r["context"] for r in result["rows"]})
+    full = {r["context"]: r["decode_ms_per_token"] for r in result["rows"] if r["cache"] == "full"}
+    lines = ["| cache | faster than full from | " + " | ".join(
+                 f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts) + " |",
+             "|---|---:|" + "---:|" * len(contexts)]
+    for cache in dict.fromkeys(r["cache"] for r in result["rows"]):
+        if cache == "full":
+            continue
+        ratios = {r["context"]: r["decode_ms_per_token"] / full[r["context"]]
+                  for r in result["rows"] if r["cache"] == cache}
+        faster = [c for c in contexts if all(ratios.get(d, 2) < 1 for d in contexts if d >= c)]
+        lines.append(f"| {cache} | {faster[0] if faster else 'never here'} | "
+                     + " | ".join(f"{ratios[c]:.2f}x" if c in ratios else "—" for c in contexts)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -488,10 +519,12 @@ def distributed_table(result) -> str:
     return "\n".join(lines)
 
 
-def long_generation_table(result) -> str:
+def long_generation_table(result, *more) -> str:
     """Per policy and context: needle hits (and which depths missed), long-form
-    agreement with full."""
-    runs = result["runs"]
+    agreement with full; `more`: runs of other settings (their own provenance)
+    merged into the same table."""
+    results = [result, *(r for r in more if r)]
+    runs = [run for r in results for run in r["runs"]]
     columns = sorted({(r["task"], r["context"]) for r in runs}, key=lambda c: (c[0] != "needle", c[1]))
     labels = list(dict.fromkeys(long_label(e) for r in runs for e in r["results"]))
     texts = sorted({r["text"] for r in runs})
@@ -510,9 +543,14 @@ def long_generation_table(result) -> str:
     if "longform" in tasks:
         described.append(f"long-form, {result['max_tokens']} greedy tokens after a window of "
                          "each text, the share equal to full's and ROUGE-L against them")
+    provenance = where(result)
+    if len(results) > 1:
+        def contexts(r):
+            return ", ".join(sorted({f"{run['context'] // 1024}K" for run in r["runs"]}))
+        provenance = "; ".join(f"{contexts(r)}: {where(r)}" for r in results)
     lines = [f"{result['model'].split('/')[-1]}: {'; '.join(described)}. Full, SnapKV and "
              "RefreshKV continue one full prefill of each prompt; the others prefill their "
-             f"own. {where(result)}", "",
+             f"own. {provenance}", "",
              "| policy | " + " | ".join(header) + " |",
              "|---|" + "---:|" * len(columns)]
     for label in labels:
@@ -564,7 +602,7 @@ def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
 
 
 def plots(speed, fidelity, growing, long_context=None, tradeoff=None, timing=None,
-          multi_turn=None, offload=None, ffn_sparsity=None) -> list:
+          multi_turn=None, offload=None, ffn_sparsity=None, speed_qwen=None) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -581,6 +619,21 @@ def plots(speed, fidelity, growing, long_context=None, tradeoff=None, timing=Non
         made.append(save_plot(fig, ax, "speed.png", xlabel="context (tokens)",
                               ylabel="decode ms/token",
                               title=f"SmolLM2-135M decode, {speed['provenance']['device']}"))
+    if speed_qwen:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        rows = speed_qwen["rows"]
+        full = {r["context"]: r["decode_ms_per_token"] for r in rows if r["cache"] == "full"}
+        for cache in dict.fromkeys(r["cache"] for r in rows):
+            mine = [r for r in rows if r["cache"] == cache]
+            ax.plot([r["context"] for r in mine],
+                    [r["decode_ms_per_token"] / full[r["context"]] for r in mine],
+                    marker="o", label=cache, linestyle="--" if "mlx-lm" in cache else "-")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        made.append(save_plot(fig, ax, "speed_qwen.png", xlabel="context (tokens)",
+                              ylabel="decode ms/token / full's (below 1: faster than full)",
+                              title=f"{model_name(speed_qwen)} decode against full, "
+                                    f"{speed_qwen['provenance']['device']}"))
     if fidelity:
         ppl = next(t for t in fidelity["tasks"] if t["task"] == "ppl")
         fig, ax = plt.subplots(figsize=(8, 5))
@@ -719,6 +772,10 @@ TABLES = {
        for backend in ("cpu", "cuda", "metal")},
     "speed": ("speed_cpu", speed_table, "\n\n![decode ms/token]({results}/speed.png)"),
     "speed_quantized": ("speed_quantized_cpu", speed_table, ""),
+    "speed_qwen_crossover": ("speed_qwen_cpu", crossover_table,
+                             "\n\n![decode against full]({results}/speed_qwen.png)"),
+    # After the crossover: speed_qwen_cpu.md holds both tables.
+    "speed_qwen": ("speed_qwen_cpu", lambda r: speed_table(r) + "\n\n" + crossover_table(r), ""),
     "quantized_decode_cpu": ("quantized_decode_cpu", quantized_decode_table, ""),
     "fidelity": ("fidelity", fidelity_tables, "\n\n![trade-off]({results}/tradeoff.png)"),
     "fidelity_quantized": ("fidelity_quantized", fidelity_tables, ""),
@@ -739,7 +796,9 @@ TABLES = {
                      "\n\n![FFN sparsity]({results}/ffn_sparsity.png)"),
     "ffn_sparsity_quick": ("ffn_sparsity_quick", ffn_sparsity_table, ""),
     "cpu_attention": ("cpu_attention", cpu_attention_table, ""),
-    "long_generation": ("long_generation", long_generation_table, ""),
+    "long_generation": ("long_generation",
+                        lambda r: long_generation_table(r, load("long_generation_8k_quantized"),
+                                                        load("long_generation_20k")), ""),
     "long_generation_quick": ("long_generation_quick", long_generation_table, ""),
     "distributed": ("distributed", distributed_table, ""),
     "distributed_quick": ("distributed_quick", distributed_table, ""),
@@ -773,7 +832,7 @@ def sections() -> dict:
                                   "({results}/growing_context.png)")
     plots(load("speed_cpu"), load("fidelity"), growing, load("long_context"),
           load("long_context_tradeoff"), load("long_context_tradeoff_timing"),
-          load("multi_turn"), load("offload"), load("ffn_sparsity"))
+          load("multi_turn"), load("offload"), load("ffn_sparsity"), load("speed_qwen_cpu"))
     return out
 
 

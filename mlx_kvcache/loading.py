@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
-from mlx_lm.utils import dequantize_model
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_kvcache import gguf
 from mlx_kvcache.errors import UserError
@@ -183,13 +183,7 @@ def load(
         raise UserError(f"{path}: weights do not match the config ({e})") from None
 
     if dequantize:
-        model = dequantize_model(model)
-        model.update(
-            tree_map(
-                lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
-                model.parameters(),
-            )
-        )
+        dequantize_to_float32(model)
     mx.eval(model.parameters())
     model.eval()
 
@@ -198,6 +192,51 @@ def load(
     model.source = str(path)
     model.context_length = config.get("max_position_embeddings")
     return model, tokenizer
+
+
+def dequantized_weight(module) -> mx.array:
+    """A quantized layer's weight as float32. Affine 2/4/8-bit weights are
+    unpacked by numpy in float32 (scale * q + bias, as llama.cpp dequantizes):
+    MLX's CPU dequantize works in the scales' float16 and ran at ~40 M
+    weights/s here, 4x slower than numpy (SmolLM2's load: 3.3 s of 5.9)."""
+    bits, group = module.bits, module.group_size
+    if getattr(module, "mode", "affine") != "affine" or bits not in (2, 4, 8):
+        return mx.dequantize(module.weight, module.scales.astype(mx.float32),
+                             module.biases.astype(mx.float32), group, bits).astype(mx.float32)
+    packed = np.asarray(module.weight).view(np.uint8)  # little-endian: low bits first
+    per_byte = 8 // bits
+    q = np.empty(packed.shape[:-1] + (packed.shape[-1] * per_byte,), np.uint8)
+    for i in range(per_byte):
+        np.bitwise_and(np.right_shift(packed, i * bits), (1 << bits) - 1, out=q[..., i::per_byte])
+    rows = q.shape[0]
+    weight = q.reshape(rows, -1, group).astype(np.float32)
+    weight *= np.asarray(module.scales.astype(mx.float32))[..., None]
+    weight += np.asarray(module.biases.astype(mx.float32))[..., None]
+    return mx.array(weight.reshape(rows, -1))
+
+
+def dequantize_to_float32(model: nn.Module) -> None:
+    """Quantized layers become float32 Linear / Embedding layers, and every
+    other floating parameter float32 (the CPU backend's fast matmul)."""
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            weight = dequantized_weight(module)
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            if "bias" in module:
+                layer.bias = module.bias
+        elif isinstance(module, nn.QuantizedEmbedding):
+            weight = dequantized_weight(module)
+            layer = nn.Embedding(*weight.shape)
+        else:
+            continue
+        layer.weight = weight
+        layers.append((name, layer))
+    if layers:
+        model.update_modules(tree_unflatten(layers))
+    model.update(tree_map(
+        lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+        model.parameters()))
 
 
 def parameter_bytes(model: nn.Module) -> int:

