@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from common import write_result
 
-from mlx_kvcache import attention, cpu_attention, load, make_cache
+from mlx_kvcache import cpu_attention, load, make_cache
 from mlx_kvcache.evaluate import prefill, read_text
 
 MODEL = "qwen2.5-coder-0.5b"
@@ -41,9 +41,9 @@ def _seconds(fn) -> float:
 
 
 def prefill_seconds(model, tokens, path: str) -> float:
-    threshold, supported = attention.CPU_SPLIT_MIN_SCORES, cpu_attention.supported
+    threshold, supported = cpu_attention.MIN_SCORES, cpu_attention.supported
     if path == "mlx one op":
-        attention.CPU_SPLIT_MIN_SCORES = 1 << 62
+        cpu_attention.MIN_SCORES = 1 << 62
     elif path == "cpu streams":
         cpu_attention.supported = lambda *arrays: False
     try:
@@ -52,7 +52,7 @@ def prefill_seconds(model, tokens, path: str) -> float:
         prefill(model, cache, tokens)
         return time.perf_counter() - start
     finally:
-        attention.CPU_SPLIT_MIN_SCORES, cpu_attention.supported = threshold, supported
+        cpu_attention.MIN_SCORES, cpu_attention.supported = threshold, supported
 
 
 def main():

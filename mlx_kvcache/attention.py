@@ -64,19 +64,11 @@ def dense_over_cpu_streams(queries, keys, values, *, scale, mask=None) -> mx.arr
     return mx.concatenate(outputs, axis=1)
 
 
-# MLX's CPU backend runs an op on one thread (BLAS aside), and a long prefill's
-# time is mostly its softmax: ~40-70 M exponentials/s here, 14 heads x 24 layers
-# x L^2/2 of them, ~40 minutes at 32K tokens on Qwen2.5-Coder-0.5B (numpy's
-# softmax: ~15, estimated; docs/cpu.md). Below this many scores (decode steps,
-# short prompts) a product is too small to pay for leaving MLX's one op.
-CPU_SPLIT_MIN_SCORES = 1 << 21
 _cpu_stream_pool: list = []
 
 
 def _large_on_cpu(queries: mx.array, keys: mx.array) -> bool:
-    B, n_q_heads, L, _ = queries.shape
-    return (mx.default_device() == mx.cpu
-            and B * n_q_heads * L * keys.shape[2] >= CPU_SPLIT_MIN_SCORES)
+    return cpu_attention.worth_it(queries, keys.shape[2])
 
 
 def _cpu_streams(keys: mx.array) -> list:

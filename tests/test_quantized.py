@@ -6,7 +6,7 @@ from itertools import chain
 import mlx.core as mx
 import pytest
 
-from mlx_kvcache import UserError, make_cache
+from mlx_kvcache import UserError, cpu_attention, make_cache
 from mlx_kvcache.attention import dense
 from mlx_kvcache import quantized_attention
 from mlx_kvcache.quantized_attention import attend_quantized, blocked_attention
@@ -24,6 +24,33 @@ def affine_step(x, group_size, bits):
     """Largest quantization step of each group: (max - min) / (2^bits - 1)."""
     g = x.reshape(*x.shape[:-1], -1, group_size)
     return (g.max(-1) - g.min(-1)) / (2**bits - 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_large_cpu_prompt_chunk_takes_dense_attention_over_the_dequantized_blocks(
+        monkeypatch, causal):
+    # A prompt chunk on the CPU over many keys: the blocks dequantized once and
+    # handed to numpy's softmax (cpu_attention) instead of MLX's online one.
+    # Queries continue a cache (200 of 500 keys); the last block is the newest
+    # (mixed precision's important rows, KIVI's recent ones).
+    mx.random.seed(1)
+    q = mx.random.normal((1, 8, 200, 32))
+    k, v = mx.random.normal((1, 2, 500, 32)), mx.random.normal((1, 2, 500, 32))
+    blocks = [(s, k[:, :, s : s + 128], v[:, :, s : s + 128]) for s in range(0, 500, 128)]
+    online = blocked_attention(q, lambda: blocks, 500, 0.2, causal=causal)
+    expected = dense(q, k, v, scale=0.2, mask="causal" if causal else None)
+    routed = []
+    dense_numpy = cpu_attention.dense
+    monkeypatch.setattr(cpu_attention, "dense",
+                        lambda *a, **kw: routed.append(kw["mask"]) or dense_numpy(*a, **kw))
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
+    got = blocked_attention(q, lambda: blocks, 500, 0.2, causal=causal)
+    assert routed == ["causal" if causal else None]
+    assert mx.allclose(got, online, atol=1e-5) and mx.allclose(got, expected, atol=1e-5)
+    # One query (a decode step) and other dtypes keep MLX's path.
+    blocked_attention(q[:, :, -1:], lambda: blocks, 500, 0.2, causal=False)
+    blocked_attention(q.astype(mx.float16), lambda: blocks, 500, 0.2, causal=causal)
+    assert len(routed) == 1
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
