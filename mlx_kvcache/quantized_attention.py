@@ -12,7 +12,9 @@ shapes, so there keys take the unpacked path too and values are dequantized
 in blocks.
 
 Prefill (many queries) dequantizes one block of tokens at a time and merges
-the blocks by online softmax: `blocked_attention`.
+the blocks by online softmax: `blocked_attention`; on the CPU a large float32
+chunk instead dequantizes every block once and takes numpy's softmax
+(`cpu_attention`), MLX's scalar exp being what a long prefill waits on there.
 """
 
 from functools import lru_cache
@@ -229,7 +231,8 @@ def blocked_attention(queries: mx.array, blocks, n_keys: int, scale: float,
     covering token indices [0, n_keys) afresh on each call; causal: the L
     queries are the last L of the n_keys tokens and see only keys at or before
     themselves. Long prefill chunks go QUERY_ROWS queries at a time, so the
-    peak is one block of dequantized rows and one small score tile.
+    peak is one block of dequantized rows and one small score tile (on the CPU,
+    a large float32 chunk: every row dequantized, then cpu_attention's blocks).
     """
     L = queries.shape[2]
     if L > 1 and cpu_attention.worth_it(queries, n_keys) and cpu_attention.supported(queries):

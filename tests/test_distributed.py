@@ -3,6 +3,7 @@
 logits within a stated tolerance, each rank holding its own KV heads and
 choosing for them what one process chooses; one line for what cannot shard."""
 
+import itertools
 import json
 import os
 import socket
@@ -44,7 +45,7 @@ def ranks_run(ranks, *command, tmp_path, timeout=420, input=""):
     hostfile, MLX_RANK), each fed `input`, or alone for one rank. Not through
     mlx.launch itself: its reader threads spin on the ranks' always-writable
     stdin pipes and take a core of CI's two from the ranks (the sharding is
-    ours, the launcher is MLX's; one test above runs under it)."""
+    ours, the launcher is MLX's: the refusal test runs under it)."""
     env = dict(os.environ)
     if ranks > 1:
         hostfile = tmp_path / "hosts.json"
@@ -66,8 +67,7 @@ def ranks_run(ranks, *command, tmp_path, timeout=420, input=""):
             for process, _, _ in runs:
                 process.kill()
         time.sleep(0.2)
-    done = [(process.returncode, out.read_text(), err.read_text()) for process, out, err in runs]
-    return done
+    return [(process.returncode, out.read_text(), err.read_text()) for process, out, err in runs]
 
 
 def test_qwen_over_two_ranks_computes_what_one_process_computes(qwen, tmp_path):
@@ -125,7 +125,7 @@ def test_a_chat_over_three_ranks_says_what_one_process_says_and_its_session_surv
     common = ["--policy", "refreshkv", "--budget", "16", "--max-tokens", "16"]
     questions = ["What is the capital of France?", "Name a river there.", "Another?"]
 
-    runs = iter(range(100))
+    runs = itertools.count()
 
     def chat(ranks, *args, stdin):
         # Under mlx.launch a sharded chat ends with /exit: the launcher never
