@@ -798,7 +798,6 @@ TABLES = {
     "long_context": ("long_context", long_context_table,
                      "\n\n![decode vs full]({results}/long_context_speed.png)"),
     "long_context_quick": ("long_context_quick", long_context_table, ""),
-    "long_context_every_policy": ("long_context_every_policy", long_context_table, ""),
     "long_context_32k": ("long_context_32k",
                          lambda r: long_context_table(r, load("long_context_32k_timing")), ""),
     "long_context_tradeoff": ("long_context_tradeoff",
