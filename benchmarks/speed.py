@@ -27,7 +27,7 @@ import mlx.core as mx
 from common import (MLX_LM_CACHES, OUR_POLICIES, device_label, memory_bandwidth_gbs,
                     with_budget, write_result)
 
-from mlx_lm.models.cache import KVCache
+from long_context import MlxLmKVCache
 
 from mlx_kvcache import load, make_cache
 from mlx_kvcache.evaluate import FORK_TAIL, PolicySpec, continue_from_full
@@ -63,12 +63,7 @@ def fork(model, policy, policy_args, shared, prompt):
     """`policy`'s cache after `prompt`, continuing the shared full prefill, and
     the first generated token."""
     if model.__module__.startswith("mlx_lm"):  # mlx-lm's KVCache, from the same keys
-        cache = []
-        for full in shared:
-            layer = KVCache()
-            layer.update_and_fetch(full.state["keys"], full.state["values"])
-            cache.append(layer)
-        model(mx.array(prompt[shared[0].offset : -1])[None], cache=cache)
+        cache = MlxLmKVCache(model).start_from(shared, prompt)
     else:
         cache = continue_from_full(model, PolicySpec(policy, policy_args), shared, prompt)
     token = model(mx.array(prompt[-1:])[None], cache=cache)[0, -1].argmax()
