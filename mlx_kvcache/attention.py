@@ -32,7 +32,7 @@ def dense(
     (`cpu_attention`, within rounding of MLX's); another dtype is split by KV
     heads over CPU streams (`dense_over_cpu_streams`, bit-identical to one op).
     """
-    if not _large_on_cpu(queries, keys):
+    if not cpu_attention.worth_it(queries, keys.shape[2]):
         return mx.fast.scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=mask
         )
@@ -65,10 +65,6 @@ def dense_over_cpu_streams(queries, keys, values, *, scale, mask=None) -> mx.arr
 
 
 _cpu_stream_pool: list = []
-
-
-def _large_on_cpu(queries: mx.array, keys: mx.array) -> bool:
-    return cpu_attention.worth_it(queries, keys.shape[2])
 
 
 def _cpu_streams(keys: mx.array) -> list:
@@ -136,7 +132,7 @@ def scores(
     float32 (one row on a refresh step). A large float32 product on the CPU:
     numpy's softmax (`cpu_attention.probabilities`), as in `dense`.
     """
-    if _large_on_cpu(queries, keys) and cpu_attention.supported(queries, keys):
+    if cpu_attention.worth_it(queries, keys.shape[2]) and cpu_attention.supported(queries, keys):
         return cpu_attention.probabilities(queries, keys, scale=scale, mask=mask)
     B, n_q_heads, L, D = queries.shape
     n_kv_heads = keys.shape[1]
