@@ -14,23 +14,29 @@ file the same way.
 
     python benchmarks/offload.py --quick        # SmolLM2
     python benchmarks/offload.py                # SmolLM2 and Qwen2.5-Coder-0.5B
+    python benchmarks/offload.py --prepare      # writing the layout: streamed vs loaded
 
-Writes benchmarks/results/offload.json (offload_quick.json).
+Writes benchmarks/results/offload.json (offload_quick.json, offload_prepare.json).
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 from common import write_result
 
 from mlx_kvcache import load, make_cache
 from mlx_kvcache.generate import generate_step, make_sampler
-from mlx_kvcache.offload import layout_path, prepare
+from mlx_kvcache.offload import from_gguf, layout_path, prepare
+from mlx_kvcache.offload import layout as layout_file
 from mlx_kvcache.offload import runtime
 from mlx_kvcache.loading import resolve
 
@@ -125,17 +131,74 @@ def run_one(model_name: str, budget: str) -> dict:
     return result
 
 
+def prepare_one(model_name: str, how: str) -> dict:
+    """Write the layout once, in this (fresh) process, to a scratch folder:
+    `streamed` (from_gguf, what prepare does for a GGUF) or `loaded` (the
+    model loaded whole, then written: what it did before)."""
+    source = resolve(model_name)
+    scratch = Path(tempfile.mkdtemp(dir=layout_path(source).parent))
+    target = scratch / "layout.safetensors"
+    try:
+        baseline = peak_rss_bytes()  # the interpreter, MLX and numpy imported
+        t0 = time.perf_counter()
+        if how == "streamed":
+            from_gguf.write_layout(source, target)
+        else:
+            model, _ = load(model_name, dequantize=True)
+            layout_file.write(model, dataclasses.asdict(model.args), target, str(source))
+        seconds = time.perf_counter() - t0
+        layout = layout_file.read(target)
+        return {"model": model_name, "how": how, "seconds": seconds,
+                "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline,
+                "layout_bytes": target.stat().st_size,
+                "largest_unit_bytes": max(u.nbytes for u in layout.units.values()),
+                "source_bytes": source.stat().st_size}
+    finally:
+        shutil.rmtree(scratch)
+
+
+def in_child(*args) -> dict:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env=os.environ)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)}: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_prepare(models) -> None:
+    report = {"benchmark": "offload_prepare", "runs": []}
+    for model_name in models:
+        prepare(model_name)  # the scratch folder's parent exists, the source assembled
+        for how in ("streamed", "loaded"):
+            run = in_child("--prepare-one", model_name, how)
+            report["runs"].append(run)
+            print(f"{model_name} {how}: {run['seconds']:.1f} s, peak RSS "
+                  f"{run['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    write_result("offload_prepare", report)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default=None)
+    parser.add_argument("--prepare", action="store_true",
+                        help="measure writing the layout (seconds, peak RSS), streamed from "
+                        "the GGUF and from the model loaded whole")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "BUDGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-one", nargs=2, metavar=("MODEL", "HOW"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(*args.one)))
         return
+    if args.prepare_one:
+        print(json.dumps(prepare_one(*args.prepare_one)))
+        return
     models = (args.models.split(",") if args.models else
               ["smollm2"] if args.quick else ["smollm2", "qwen2.5-coder-0.5b"])
+    if args.prepare:
+        measure_prepare(models + ([] if args.models else ["gemma3-270m"]))
+        return
     report = {"benchmark": "offload", "quick": args.quick, "decode_tokens": DECODE_TOKENS,
               "prompt": PROMPT, "models": []}
     for model_name in models:
@@ -146,11 +209,7 @@ def main():
         print(f"{model_name}: layout {layout.stat().st_size / 2**20:.0f} MiB, disk "
               f"{bandwidth:.2f} GB/s", flush=True)
         for budget in ["resident"] + BUDGETS + ["naive"]:
-            done = subprocess.run([sys.executable, __file__, "--one", model_name, budget],
-                                  capture_output=True, text=True, env=os.environ)
-            if done.returncode != 0:
-                raise SystemExit(f"{model_name} at {budget}: {done.stderr.strip()[-500:]}")
-            run = json.loads(done.stdout.strip().splitlines()[-1])
+            run = in_child("--one", model_name, budget)
             if budget != "resident":
                 left_out = run["streamed_bytes_per_pass"]
                 run["limit_ms_per_token"] = left_out / (bandwidth * 1e9) * 1e3

@@ -441,6 +441,22 @@ def offload_limits(entry) -> dict:
             for r in entry["runs"] if r["budget"] != "resident"}, bandwidth
 
 
+def offload_prepare_table(result) -> str:
+    lines = [f"Writing the offload layout once, each way in a fresh process: streamed from the "
+             f"GGUF tensor by tensor (what `prepare` does), and the model loaded whole, then "
+             f"written (what it did before). Peak RSS includes the interpreter with MLX and "
+             f"numpy imported (the baseline column). {where(result)}", "",
+             "| model | GGUF MiB | layout MiB (float32) | largest unit MiB | way | seconds "
+             "| peak RSS MiB | baseline RSS MiB |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['model']} | {r['source_bytes'] / 2**20:.0f} | "
+                     f"{r['layout_bytes'] / 2**20:.0f} | {r['largest_unit_bytes'] / 2**20:.0f} | "
+                     f"{r['how']} | {r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{r['baseline_rss_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
 def offload_table(result) -> str:
     lines = [f"Exact weight offloading (`--offload layers`): greedy decoding of "
              f"{result['decode_tokens']} tokens after a chat prompt, each configuration in a "
@@ -804,6 +820,7 @@ TABLES = {
                               lambda r: tradeoff_table(r, load("long_context_tradeoff_timing")),
                               "\n\n![RefreshKV trade-off at 8K]({results}/long_context_tradeoff.png)"),
     "offload": ("offload", offload_table, "\n\n![offloading]({results}/offload.png)"),
+    "offload_prepare": ("offload_prepare", offload_prepare_table, ""),
     "server_ttft": ("server_ttft", server_ttft_table, ""),
     "server_ttft_quick": ("server_ttft_quick", server_ttft_table, ""),
     "offload_quick": ("offload_quick", offload_table, ""),

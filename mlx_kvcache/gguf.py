@@ -182,7 +182,9 @@ def _scalar(metadata, key, default=None):
     return value.item() if isinstance(value, mx.array) else value
 
 
-def _config(metadata: dict, weights: dict) -> dict:
+def model_config(metadata: dict, weights) -> dict:
+    """The port's config from the GGUF metadata; `weights`: the HF names the
+    file holds (whether lm_head.weight is among them says if it is tied)."""
     arch = metadata.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise UserError(
@@ -257,20 +259,29 @@ def read(path: Path, keep_quantized: bool = True) -> Tuple[dict, dict, Dict[str,
         from mlx_kvcache import gguf_package
 
         gguf_weights = gguf_package.read(path, tensors, keep_quantized)
-    gemma = metadata.get("general.architecture") == "gemma3"
-    renames = _GEMMA3_RENAMES + _RENAMES if gemma else _RENAMES
+    gemma = is_gemma(metadata)
     weights = {}
     for name, array in gguf_weights.items():
-        hf_name = name
-        for pattern, replacement in renames:
-            hf_name, n = re.subn(pattern, replacement, name)
-            if n:
-                break
-        if gemma and name.endswith("norm.weight"):
-            # llama.cpp stores Gemma's norms as 1 + weight; the port adds the 1.
-            array = array - 1
-        weights[hf_name] = array
-    return _config(metadata, weights), weights, _quantization(weights), metadata
+        weights[hf_name(name, gemma)] = array - 1 if stores_one_plus(name, gemma) else array
+    return model_config(metadata, weights), weights, _quantization(weights), metadata
+
+
+def is_gemma(metadata: dict) -> bool:
+    return metadata.get("general.architecture") == "gemma3"
+
+
+def hf_name(name: str, gemma: bool) -> str:
+    """The Hugging Face name of GGUF tensor `name` (unchanged if unknown)."""
+    for pattern, replacement in _GEMMA3_RENAMES + _RENAMES if gemma else _RENAMES:
+        renamed, n = re.subn(pattern, replacement, name)
+        if n:
+            return renamed
+    return name
+
+
+def stores_one_plus(name: str, gemma: bool) -> bool:
+    """llama.cpp stores Gemma's norms as 1 + weight; the port adds the 1."""
+    return gemma and name.endswith("norm.weight")
 
 
 class FactorScaledRoPE(nn.Module):

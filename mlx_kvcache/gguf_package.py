@@ -21,27 +21,34 @@ KEEP_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "
 GROUP_SIZE = 32
 
 
+def dequantize(raw: np.ndarray, type_name: str, shape) -> np.ndarray:
+    """Float32 values of `shape` from a GGUF tensor's bytes (`raw`, uint8): a
+    whole tensor, or whole rows of one (offload/from_gguf.py reads it in row
+    chunks)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as package_dequantize
+
+    if type_name in ("F32", "F16"):
+        values = raw.view(np.float32 if type_name == "F32" else np.float16).reshape(shape)
+    else:
+        # Quantized rows as the gguf package lays them out: bytes per row last.
+        rows = raw.reshape(*shape[:-1], -1)
+        values = package_dequantize(rows, GGMLQuantizationType[type_name]).reshape(shape)
+    return values.astype(np.float32, copy=False)
+
+
 def read(path: Path, tensors: List, keep_quantized: bool) -> Dict[str, mx.array]:
     """Weights by GGUF name, from `tensors` (gguf.TensorInfo, read_header): float32, or
     MLX-quantized (`name.weight`, `name.scales`, `name.biases`) when
     `keep_quantized`. The file is mapped, not read whole; the metadata is read
     by gguf.read_header (the package's reader builds a numpy view per token of
     the vocabulary: 20 s for Gemma's 262K)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     weights = {}
     for tensor in tensors:
         kind = tensor.type_name
         raw = mapped[tensor.offset : tensor.offset + tensor.nbytes]
-        if kind in ("F32", "F16"):
-            values = raw.view(np.float32 if kind == "F32" else np.float16).reshape(tensor.shape)
-        else:
-            # Quantized rows as the gguf package lays them out: bytes per row last.
-            rows = raw.reshape(*tensor.shape[:-1], -1)
-            values = dequantize(rows, GGMLQuantizationType[kind]).reshape(tensor.shape)
-        values = mx.array(values.astype(np.float32))
+        values = mx.array(dequantize(raw, kind, tensor.shape))
         bits = KEEP_BITS.get(kind)
         if keep_quantized and bits is not None and values.ndim == 2:
             base = tensor.name[: -len(".weight")]

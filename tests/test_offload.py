@@ -2,6 +2,8 @@
 checked), the resident-set plan, exact mode token for token against the
 resident model on SmolLM2, memory within the budget, and one-line errors."""
 
+import dataclasses
+import filecmp
 import gc
 import os
 import subprocess
@@ -14,7 +16,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_kvcache import UserError, load, make_cache
 from mlx_kvcache.generate import generate_step
-from mlx_kvcache.offload import LAYOUT_DIR, layout_path, parse_budget, prepare
+from mlx_kvcache import loading
+from mlx_kvcache.offload import LAYOUT_DIR, from_gguf, layout_path, parse_budget, prepare
 from mlx_kvcache.offload import layout as layout_file
 from mlx_kvcache.offload.runtime import plan
 from mlx_kvcache.offload.sparsity import calibrate, thresholded
@@ -85,6 +88,57 @@ def test_a_tiny_model_offloaded_is_token_identical(tiny_gguf, budget):
         assert stats["streamed_units"] > 0 and stats["bytes_read"] > stats["weight_bytes"]
 
 
+def prepared_without_loading(name, monkeypatch):
+    """prepare(name), with loading the model whole made impossible."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("prepare loaded the whole model")
+
+    monkeypatch.setattr(loading, "load", refuse)
+    target = prepare(name)
+    monkeypatch.undo()
+    return target
+
+
+def loaded_then_written(model, source, path):
+    """The layout as writing the loaded model gives it: the reference."""
+    layout_file.write(model, dataclasses.asdict(model.args), path, str(source))
+    return path
+
+
+def test_a_gguf_is_prepared_in_chunks_into_the_bytes_loading_gives(tiny_gguf, tmp_path,
+                                                                  monkeypatch):
+    path, _ = tiny_gguf
+    # Chunks of a few rows (and of neurons in the FFN bundle), so every tensor
+    # is assembled from several reads.
+    monkeypatch.setattr(from_gguf, "CHUNK_BYTES", 1000)
+    streamed = prepared_without_loading(str(path), monkeypatch)
+    model, _ = load(str(path), dequantize=True)
+    assert streamed.read_bytes() == loaded_then_written(model, path, tmp_path / "r").read_bytes()
+
+
+@pytest.mark.parametrize("fixture, alias", [("smollm2", "smollm2"), ("gemma", "gemma3-270m")])
+def test_real_ggufs_are_prepared_into_the_bytes_loading_gives(fixture, alias, request,
+                                                             tmp_path, monkeypatch):
+    # SmolLM2: Q4_1 and Q8_0, read by MLX when loaded whole. Gemma 3: K-quants
+    # read by the gguf package, its norms stored as 1 + weight, a tied head.
+    monkeypatch.setenv(LAYOUT_DIR, str(tmp_path / "layouts"))
+    model, _ = request.getfixturevalue(fixture)
+    streamed = prepared_without_loading(alias, monkeypatch)
+    reference = loaded_then_written(model, loading.resolve(alias), tmp_path / "r.safetensors")
+    assert filecmp.cmp(streamed, reference, shallow=False)
+
+
+def test_a_gguf_that_does_not_match_its_config_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(LAYOUT_DIR, str(tmp_path / "layouts"))
+    model = tiny_model("qwen2", layers=2)
+    model.args.intermediate_size += 8  # the metadata now disagrees with the FFN
+    path = write_gguf(tmp_path / "bad.gguf", model)
+    with pytest.raises(UserError, match="weights do not match the config .misshapen: "
+                       "model.layers.0.mlp.gate_proj.weight"):
+        prepare(str(path))
+    assert not (tmp_path / "layouts").exists() or not list((tmp_path / "layouts").iterdir())
+
+
 def sizes_layout(sizes, rest=10, head=None):
     units = {"embed": layout_file.Unit("embed", [], 0, 50, 0)}
     offset = 50
@@ -119,8 +173,8 @@ def test_smollm2_offloaded_is_token_identical_and_within_budget(smollm2):
     model, tokenizer = smollm2
     ids = tokenizer.encode(PROMPT)
     want = greedy(model, ids)
-    # Writing the layout (once per model, before any budget applies) loads the
-    # model whole; the bound below is what running under the budget costs.
+    # Writing the layout happens once per model, before any budget applies;
+    # the bound below is what running under the budget costs.
     prepare("smollm2")
     for budget in ("50%", "25%"):
         gc.collect()

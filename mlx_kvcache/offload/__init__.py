@@ -3,6 +3,8 @@ memory you give it (`--weights-budget`, `load(..., weights_budget=...)`).
 
 - layout.py: the storage layout (one safetensors file, units in order of use,
   FFN row-column bundled), written once per model by `prepare`.
+- from_gguf.py: that layout written from a GGUF file tensor by tensor, never
+  holding the model whole.
 - runtime.py: exact mode (`--offload layers`): pinned units plus streamed
   ones, a background reader prefetching the next.
 
@@ -19,9 +21,8 @@ from typing import Optional, Union
 
 from mlx_kvcache import loading
 from mlx_kvcache.errors import UserError
-from mlx_kvcache.gguf import FactorScaledRoPE
 from mlx_kvcache.models import build_model
-from mlx_kvcache.offload import layout as layout_file
+from mlx_kvcache.offload import from_gguf, layout as layout_file
 from mlx_kvcache.offload.runtime import attach
 from mlx_kvcache.packaged_models import cache_dir
 
@@ -58,16 +59,17 @@ def layout_path(source: Path) -> Path:
 
 
 def prepare(name: Optional[str], progress=None) -> Path:
-    """Write the layout of model `name` (once; loads the model whole to do so)."""
+    """Write the layout of model `name` (once). A GGUF file is read tensor by
+    tensor (from_gguf.py); a Hugging Face directory is loaded whole first."""
     source = loading.resolve(name)
     target = layout_path(source)
     if target.exists():
         return target
-    model, _ = loading.load(name, dequantize=True)
-    if any(isinstance(layer.self_attn.rope, FactorScaledRoPE) for layer in model.layers):
-        raise UserError("offloading a GGUF with rope_freqs (Llama 3.1) is not supported yet")
-    config = dataclasses.asdict(model.args)
-    layout_file.write(model, config, target, str(source), progress)
+    if source.suffix == ".gguf":
+        from_gguf.write_layout(source, target, progress)
+    else:
+        model, _ = loading.load(name, dequantize=True)
+        layout_file.write(model, dataclasses.asdict(model.args), target, str(source), progress)
     return target
 
 

@@ -24,7 +24,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -106,21 +106,56 @@ def unbundle_ffn(tensors: Dict[str, mx.array]) -> Dict[str, mx.array]:
     return tensors
 
 
+# [(unit name, [(path within the unit, safetensors dtype, shape)])], in file order.
+Plan = List[Tuple[str, List[Tuple[str, str, Tuple[int, ...]]]]]
+# unit name -> its tensors' values in plan order, as (path, numpy chunk) pairs:
+# a tensor may come whole or in consecutive row chunks.
+Pieces = Callable[[str], Iterator[Tuple[str, np.ndarray]]]
+
+
+def parameter_name(unit: str, key: str) -> str:
+    """The model parameter path `key` of `unit` stands for (model_units' naming
+    undone; `mlp.bundle` stands for the three FFN projections)."""
+    if unit == "embed":
+        return "model.embed_tokens.weight"
+    if unit == "head":
+        return "lm_head.weight"
+    if unit.startswith("layer."):
+        return f"model.layers.{unit[len('layer.'):]}.{key}"
+    return key
+
+
+def plan_of(units: List[Tuple[str, Dict[str, mx.array]]]) -> Plan:
+    """model_units' tensors as a plan (their arrays may be lazy, never computed)."""
+    return [(name, [(key, DTYPES[a.dtype][0], tuple(a.shape)) for key, a in tensors.items()])
+            for name, tensors in units]
+
+
 def write(model, config: dict, path: Path, source: str,
           progress: Optional[Callable[[int, int], None]] = None) -> None:
-    """Write `model`'s layout to `path` (atomically; refused if the disk lacks
-    the space)."""
+    """Write the layout of `model`, loaded whole (see write_pieces)."""
     units = model_units(model)
+    arrays = dict(units)
+
+    def pieces(unit):
+        for key, array in arrays[unit].items():
+            yield key, _to_numpy(array)
+
+    write_pieces(plan_of(units), pieces, config, path, source, progress)
+
+
+def write_pieces(plan: Plan, pieces: Pieces, config: dict, path: Path, source: str,
+                 progress: Optional[Callable[[int, int], None]] = None) -> None:
+    """Write the layout `plan` describes, its bytes from `pieces`, to `path`
+    (atomically; refused if the disk lacks the space)."""
     header, unit_meta, offset = {}, [], 0
-    for name, tensors in units:
-        entries = []
-        for key, array in tensors.items():
-            size = array.nbytes
-            header[f"{name}/{key}"] = {"dtype": DTYPES[array.dtype][0], "shape": list(array.shape),
+    for name, entries in plan:
+        for key, dtype, shape in entries:
+            size = int(np.prod(shape)) * np.dtype(NUMPY[dtype]).itemsize
+            header[f"{name}/{key}"] = {"dtype": dtype, "shape": list(shape),
                                        "data_offsets": [offset, offset + size]}
-            entries.append(key)
             offset += size
-        unit_meta.append({"name": name, "tensors": entries})
+        unit_meta.append({"name": name, "tensors": [key for key, _, _ in entries]})
     total = offset
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
@@ -132,27 +167,46 @@ def write(model, config: dict, path: Path, source: str,
         with open(tmp, "wb") as out:
             # The header is written last, once the CRCs are known; reserve it.
             metadata = {"format": FORMAT, "config": json.dumps(config), "source": source,
-                        "tied": json.dumps("head" not in [n for n, _ in units]),
+                        "tied": json.dumps("head" not in [n for n, _ in plan]),
                         "units": json.dumps([{**u, "crc32": 0xFFFFFFFF} for u in unit_meta])}
             longest = _header_bytes(header, metadata, pad_to=None)
             out.write(b"\0" * len(longest))
             data_start = out.tell()
             done = 0
-            for name, tensors in units:
+            for name, entries in plan:
                 crc = 0
-                for array in tensors.values():
-                    raw = _to_numpy(array).tobytes()
-                    crc = zlib.crc32(raw, crc)
-                    out.write(raw)
-                    done += len(raw)
+                for key, data in _checked(name, entries, pieces(name), header):
+                    crc = zlib.crc32(data, crc)
+                    out.write(data)
+                    done += data.nbytes
+                    if progress is not None:
+                        progress(done, total)
                 crcs.append(crc)
-                if progress is not None:
-                    progress(done, total)
             metadata["units"] = json.dumps([{**u, "crc32": c} for u, c in zip(unit_meta, crcs)])
             final = _header_bytes(header, metadata, pad_to=data_start - 8)
             out.seek(0)
             out.write(final)
     return None
+
+
+def _checked(unit: str, entries, pieces, header) -> Iterator[Tuple[str, np.ndarray]]:
+    """`pieces`, each checked to continue the plan: the right tensor, dtype and
+    no more bytes than it has; every tensor complete at the end."""
+    wanted = [(key, np.dtype(NUMPY[dtype]), header[f"{unit}/{key}"]["data_offsets"])
+              for key, dtype, _ in entries]
+    index, left = 0, (wanted[0][2][1] - wanted[0][2][0]) if wanted else 0
+    for key, chunk in pieces:
+        data = np.ascontiguousarray(chunk)
+        if (index >= len(wanted) or key != wanted[index][0] or data.dtype != wanted[index][1]
+                or data.nbytes > left):
+            raise RuntimeError(f"offload layout: {unit}/{key} does not follow its plan")
+        yield key, data
+        left -= data.nbytes
+        while left == 0 and index < len(wanted):
+            index += 1
+            left = (wanted[index][2][1] - wanted[index][2][0]) if index < len(wanted) else 0
+    if index < len(wanted):
+        raise RuntimeError(f"offload layout: {unit}/{wanted[index][0]} incomplete")
 
 
 def _header_bytes(header: dict, metadata: dict, pad_to: Optional[int]) -> bytes:
