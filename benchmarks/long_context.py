@@ -24,7 +24,6 @@ every checkpoint.
 """
 
 import argparse
-import copy
 import math
 import time
 from fractions import Fraction
@@ -36,6 +35,7 @@ from mlx_lm.models.cache import KVCache
 
 from mlx_kvcache import load, make_cache
 from mlx_kvcache.cache_file import load_cache, save_cache
+from mlx_kvcache.policies import fork
 from mlx_kvcache.evaluate import (FORK_TAIL, PREFILL_STEP, PolicySpec, continue_from_full,
                                   continues_full_prefill, read_text, window_nll)
 from tests.helpers import mlx_lm_twin
@@ -267,7 +267,7 @@ def main():
                     results.append({"label": spec.label(), "policy": spec.name,
                                     "args": spec.args,
                                     **score(model, spec, scored_window, measured,
-                                            copy.deepcopy(track), log)})
+                                            fork(track), log)})
                 full_ppl = results[0]["ppl"]
                 for r in results:
                     r["ratio_to_full"] = r["ppl"] / full_ppl

@@ -7,6 +7,7 @@ import pytest
 from mlx_kvcache import UserError, make_cache
 from mlx_kvcache.attention import group_max, pool_max
 from mlx_kvcache.generate import encode_prompt, generate, generate_step
+from mlx_kvcache.policies import fork
 from mlx_kvcache.policies.selection import protect, select, top_k
 from tests.helpers import TINY_CONFIGS, tiny_model
 
@@ -334,3 +335,21 @@ def test_every_budgeted_policy_alone_writes_fulls_poem(smollm2, fulls_poem, poli
     model, tokenizer = smollm2
     prompt, expected = fulls_poem
     assert generate(model, tokenizer, prompt, max_tokens=60, policy=policy, **args) == expected
+
+
+@pytest.mark.parametrize("policy, args", [
+    ("full", {}), ("streaming", {"budget": 40}), ("snapkv", {"budget": 40}),
+    ("h2o", {"budget": 40}), ("refreshkv", {"budget": 40}), ("mixed", {"budget": 40, **MIXED}),
+    ("quantized", {"kv_bits": 4, "kv_group_size": 32}),
+    ("kivi", {"kv_bits": 4, "kv_group_size": 32}),
+], ids=lambda x: str(x))
+def test_a_forked_cache_goes_on_as_the_original_would_and_alone(policy, args):
+    model = tiny_model("llama3")
+    prompt = [(7 * i + 3) % 256 for i in range(70)]
+    cache = make_cache(model, policy, **args)
+    model(mx.array(prompt)[None], cache=cache)
+    copy = fork(cache)
+    step = mx.array([[5]])
+    forked = [model(step, cache=copy) for _ in range(3)]
+    assert cache[0].offset == 70 and copy[0].offset == 73  # the original untouched
+    assert all(mx.array_equal(model(step, cache=cache), f) for f in forked)

@@ -4,13 +4,13 @@ import importlib
 import pkgutil
 
 from .protocol import trimmable
-from .registry import (POLICIES, make_cache, parameters, policy_class, reads_prompts_in_full,
-                       take_over)
+from .registry import (POLICIES, fork, make_cache, parameters, policy_class,
+                       reads_prompts_in_full, take_over)
 
 # Importing each policy file registers its class.
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("protocol", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["POLICIES", "make_cache", "parameters", "policy_class", "reads_prompts_in_full",
+__all__ = ["POLICIES", "fork", "make_cache", "parameters", "policy_class", "reads_prompts_in_full",
            "take_over", "trimmable"]

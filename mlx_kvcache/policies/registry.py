@@ -2,8 +2,12 @@
 file; the CLI, the Python API, the benchmarks and cache files all look names up
 here, so adding a policy is adding one file to this package."""
 
+import copy
+import copyreg
 import dataclasses
 from typing import Dict
+
+import mlx.core as mx
 
 from mlx_kvcache.errors import UserError
 
@@ -74,3 +78,18 @@ def take_over(cache: list, full_cache: list) -> None:
     for layer, full in zip(cache, full_cache):
         layer.state = full.state
         layer.offset = full.offset
+
+
+def fork(cache: list) -> list:
+    """An independent copy of `cache` (any policy): go on from a prefilled
+    cache more than once without reading the prompt again."""
+    return copy.deepcopy(cache)
+
+
+def _dtype_named(name: str) -> mx.Dtype:
+    return getattr(mx, name)
+
+
+# Policies keep the dtype of what they decode to; MLX's Dtype objects cannot
+# be pickled, so copy.deepcopy would fail on them: they copy as themselves.
+copyreg.pickle(mx.Dtype, lambda dtype: (_dtype_named, (str(dtype).rsplit(".", 1)[1],)))
