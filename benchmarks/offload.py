@@ -22,6 +22,7 @@ Writes benchmarks/results/offload.json (offload_quick.json, offload_prepare.json
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from common import write_result
 
 from mlx_kvcache import load, make_cache
@@ -38,10 +40,17 @@ from mlx_kvcache.generate import generate_step, make_sampler
 from mlx_kvcache.offload import from_gguf, layout_path, prepare
 from mlx_kvcache.offload import layout as layout_file
 from mlx_kvcache.offload import runtime
+from mlx_kvcache.evaluate import read_text
 from mlx_kvcache.loading import resolve
+from mlx_kvcache.offload.sparsity import thresholded
 
 PROMPT = "Write a Python function that returns the square of x."
 BUDGETS = ["25%", "50%", "75%"]
+# Neurons mode: its defaults, and the window beside them at the middle budget.
+FFN_SPARSITY = 0.3
+NEURON_RUNS = [(b, 0) for b in BUDGETS] + [("50%", 1)]
+HELD_OUT = "/usr/share/info/gettext.info.gz"
+PPL_TOKENS = 1024
 DECODE_TOKENS = 16
 READ_BLOCK = 16 << 20
 
@@ -87,7 +96,7 @@ def reset_peak_rss() -> None:
         pass
 
 
-def run_one(model_name: str, budget: str) -> dict:
+def run_one(model_name: str, budget: str, mode: str = "layers", window: str = "0") -> dict:
     """One configuration, in this (fresh) process."""
     if budget == "naive":
         # Nothing pinned, nothing prefetched: every unit read for every token.
@@ -97,14 +106,16 @@ def run_one(model_name: str, budget: str) -> dict:
             largest = max(layout.units[n].nbytes for n in cycle)
             return runtime.Plan([], cycle, False, layout.units["rest"].nbytes + largest)
         runtime.plan = naive_plan
-    drop_from_page_cache(layout_path(resolve(model_name)))
+    drop_from_page_cache(layout_path(resolve(model_name), mode))
     reset_peak_rss()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     if budget == "resident":
         model, tokenizer = load(model_name)
     else:
-        model, tokenizer = load(model_name, weights_budget="100%" if budget == "naive" else budget)
+        model, tokenizer = load(model_name, weights_budget="100%" if budget == "naive" else budget,
+                                offload=mode, ffn_sparsity=FFN_SPARSITY,
+                                neuron_window=int(window))
     load_s = time.perf_counter() - t0
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                         add_generation_prompt=True)
@@ -112,23 +123,52 @@ def run_one(model_name: str, budget: str) -> dict:
     steps = generate_step(ids, model, cache, make_sampler(0.0))
     tokens = [next(steps)]  # prefill and the first token
     offload = getattr(model, "offload", None)
-    read_before = offload.store.counters.bytes_read if offload else 0
+    read_before = bytes_read(offload)
     read_s_before = offload.store.counters.read_seconds if offload else 0.0
     start = time.perf_counter()
     for _ in range(DECODE_TOKENS):
         tokens.append(next(steps))
     decode_s = time.perf_counter() - start
-    result = {"model": model_name, "budget": budget, "load_s": load_s,
+    result = {"model": model_name, "budget": budget, "window": int(window), "load_s": load_s,
               "decode_ms_per_token": decode_s / DECODE_TOKENS * 1e3, "tokens": tokens,
               "peak_rss_bytes": peak_rss_bytes(), "peak_mlx_bytes": mx.get_peak_memory(),
               "kv_bytes": sum(c.nbytes for c in cache)}
     if offload:
-        c = offload.store.counters
+        read = bytes_read(offload) - read_before
         result.update(offload.stats())
-        result["bytes_read_per_token"] = (c.bytes_read - read_before) / DECODE_TOKENS
-        seconds = c.read_seconds - read_s_before
-        result["read_gbs"] = (c.bytes_read - read_before) / seconds / 1e9 if seconds else None
+        result["bytes_read_per_token"] = read / DECODE_TOKENS
+        seconds = offload.store.counters.read_seconds - read_s_before
+        result["read_gbs"] = read / seconds / 1e9 if seconds else None
     return result
+
+
+def bytes_read(offload) -> int:
+    """Units and FFN neurons read so far (the embedding rows are not counted:
+    a few KiB a token)."""
+    if offload is None:
+        return 0
+    return offload.store.counters.bytes_read + offload.store.counters.neuron_bytes_read
+
+
+def thresholded_ppl(model_name: str) -> dict:
+    """Perplexity of the resident model on held-out text, dense and with the
+    FFN thresholds neurons mode calibrated (what it computes, tested equal)."""
+    model, tokenizer = load(model_name)
+    source = layout_path(resolve(model_name), "neurons")
+    path = Path(str(source)[: -len(".safetensors")] + ".thresholds.json")
+    thresholds = json.loads(path.read_text())[f"{FFN_SPARSITY:g}"]
+    tokens = tokenizer.encode(read_text(HELD_OUT))[2000 : 2000 + PPL_TOKENS]
+    inputs, targets = mx.array(tokens[:-1])[None], mx.array(tokens[1:])
+
+    def ppl():
+        logits = model(inputs)[0].astype(mx.float32)
+        return math.exp(nn.losses.cross_entropy(logits, targets).mean().item())
+
+    dense = ppl()
+    with thresholded(model, thresholds):
+        sparse = ppl()
+    return {"dense_ppl": dense, "neurons_ppl": sparse, "ppl_ratio": sparse / dense,
+            "ppl_tokens": PPL_TOKENS, "ppl_text": HELD_OUT}
 
 
 def prepare_one(model_name: str, how: str) -> dict:
@@ -184,7 +224,8 @@ def main():
     parser.add_argument("--prepare", action="store_true",
                         help="measure writing the layout (seconds, peak RSS), streamed from "
                         "the GGUF and from the model loaded whole")
-    parser.add_argument("--one", nargs=2, metavar=("MODEL", "BUDGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs="+", metavar="MODEL BUDGET [MODE WINDOW]",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--prepare-one", nargs=2, metavar=("MODEL", "HOW"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,6 +263,17 @@ def main():
                      f"{run['ratio_to_limit']:.2f}x the limit, identical "
                      f"{run['identical_to_resident']}" if budget != "resident" else ""),
                   flush=True)
+        # Neurons mode: a first load calibrates its thresholds (kept for the rest).
+        in_child("--one", model_name, "100%", "neurons", "0")
+        entry.update(thresholded_ppl(model_name), ffn_sparsity=FFN_SPARSITY, neuron_runs=[])
+        for budget, window in NEURON_RUNS:
+            run = in_child("--one", model_name, budget, "neurons", str(window))
+            run["limit_ms_per_token"] = run["bytes_read_per_token"] / (bandwidth * 1e9) * 1e3
+            run["identical_to_resident"] = run["tokens"] == entry["runs"][0]["tokens"]
+            entry["neuron_runs"].append(run)
+            print(f"  neurons {budget}, window {window}: {run['decode_ms_per_token']:.0f} "
+                  f"ms/token, {run['bytes_read_per_token'] / 2**20:.0f} MiB read/token, "
+                  f"identical {run['identical_to_resident']}", flush=True)
         report["models"].append(entry)
         write_result("offload_quick" if args.quick else "offload", report)
 

@@ -493,7 +493,35 @@ def offload_table(result) -> str:
                 f"{run['peak_rss_bytes'] / 2**20:.0f} | {run['peak_mlx_bytes'] / 2**20:.0f} | "
                 f"{'yes' if run['identical_to_resident'] else 'NO'} |")
         lines.append("")
+        if entry.get("neuron_runs"):
+            lines += neurons_rows(entry, bandwidth, compute)
     return "\n".join(lines).rstrip()
+
+
+def neurons_rows(entry, bandwidth: float, compute: float) -> list:
+    exact = {r["budget"]: r["bytes_read_per_token"] for r in entry["runs"]
+             if r["budget"].endswith("%")}
+    lines = [f"Neurons mode (`--offload neurons`), FFN sparsity {entry['ffn_sparsity']} "
+             f"(thresholds calibrated on Python's documentation); perplexity on "
+             f"{entry['ppl_tokens']} tokens of {Path(entry['ppl_text']).name}: dense "
+             f"{entry['dense_ppl']:.2f}, neurons mode {entry['neurons_ppl']:.2f} "
+             f"({100 * (entry['ppl_ratio'] - 1):+.1f}%). Limit: the bytes it did read over "
+             f"{bandwidth:.2f} GB/s.", "",
+             "| weights | neuron window | ms/token | MiB read/token | bytes vs exact mode "
+             "| limit ms/token | vs limit | vs floor | peak RSS MiB | MLX peak MiB "
+             "| tokens as resident |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in entry["neuron_runs"]:
+        limit = run["limit_ms_per_token"]
+        lines.append(
+            f"| budget {run['budget']} | {run['window']} | {run['decode_ms_per_token']:.0f} | "
+            f"{run['bytes_read_per_token'] / 2**20:.0f} | "
+            f"{run['bytes_read_per_token'] / exact[run['budget']]:.2f} | {limit:.0f} | "
+            f"{run['decode_ms_per_token'] / limit:.2f}x | "
+            f"{run['decode_ms_per_token'] / max(limit, compute):.2f}x | "
+            f"{run['peak_rss_bytes'] / 2**20:.0f} | {run['peak_mlx_bytes'] / 2**20:.0f} | "
+            f"{'yes' if run['identical_to_resident'] else 'no'} |")
+    return lines + [""]
 
 
 def ffn_sparsity_table(result) -> str:
@@ -729,6 +757,11 @@ def plots(speed, fidelity, growing, long_context=None, tradeoff=None, timing=Non
                     color=color, label=f"{entry['model']}, the disk's limit")
             ax.axhline(entry["runs"][0]["decode_ms_per_token"], color=color, linewidth=0.8,
                        linestyle="--", label=f"{entry['model']}, resident")
+            neurons = [r for r in entry.get("neuron_runs", []) if r["window"] == 0]
+            if neurons:
+                ax.plot([float(r["budget"][:-1]) for r in neurons],
+                        [r["decode_ms_per_token"] for r in neurons], marker="s",
+                        linestyle="-.", color=color, label=f"{entry['model']}, neurons mode")
             naive = next(r for r in entry["runs"] if r["budget"] == "naive")
             ax.scatter([0], [naive["decode_ms_per_token"]], marker="x", color=color,
                        label=f"{entry['model']}, naive (all re-read)")

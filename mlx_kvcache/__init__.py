@@ -27,12 +27,15 @@ __all__ = [
 ]
 
 
-def load(name=None, *, dequantize=None, weights_budget=None, offload="layers"):
+def load(name=None, *, dequantize=None, weights_budget=None, offload="layers",
+         ffn_sparsity=0.3, neuron_window=0):
     """`model, tokenizer = load("smollm2")`: an alias, a local directory, a .gguf
     file or a hub repo id. `weights_budget` ("2GB", "1.5GiB", "40%", or bytes)
     keeps at most that much of the weights in memory and reads the rest from
-    storage when needed (mlx_kvcache.offload); `dequantize` as in
+    storage when needed (mlx_kvcache.offload): whole layers (`offload="layers"`,
+    exact) or only the FFN neurons a token activates (`"neurons"`, with
+    `ffn_sparsity` and `neuron_window`); `dequantize` as in
     mlx_kvcache.loading.load."""
     if weights_budget is None:
         return _load_resident(name, dequantize=dequantize)
-    return load_offloaded(name, weights_budget, offload)
+    return load_offloaded(name, weights_budget, offload, ffn_sparsity, neuron_window)

@@ -85,9 +85,18 @@ def add_model_flags(parser, *, max_tokens: int, prefill_step: int) -> None:
     parser.add_argument("--weights-budget", default=None, metavar="SIZE",
                         help="at most this much of the weights in memory (2GB, 1.5GiB, 40%%), "
                         "the rest read from storage when needed (--offload)")
-    parser.add_argument("--offload", default="layers", choices=["layers"],
+    parser.add_argument("--offload", default="layers", choices=["layers", "neurons"],
                         help="with --weights-budget: what is read from storage (layers: "
-                        "whole layers in order of use, exact)")
+                        "whole layers in order of use, exact; neurons: attention and gate "
+                        "by layer, then only the FFN neurons a token activates)")
+    parser.add_argument("--ffn-sparsity", type=number(float, 0, 0.99), default=0.3,
+                        help="--offload neurons: the share of FFN neurons skipped on "
+                        "calibration text (default 0.3: +0.9%% perplexity on "
+                        "Qwen2.5-Coder-0.5B)")
+    parser.add_argument("--neuron-window", type=number(int, 0), default=0,
+                        help="--offload neurons: neurons used by the last N tokens stay in "
+                        "memory, in room taken from the pinned layers (default 0: measured, "
+                        "pinning saves more)")
     add_policy_flags(parser)
 
 
@@ -105,7 +114,8 @@ def load_model(args, shardable: bool = False):
     elif args.keep_quantized:
         raise UserError("--weights-budget reads float weights: drop --keep-quantized")
     else:
-        model, tokenizer = load_offloaded(args.model, args.weights_budget, args.offload)
+        model, tokenizer = load_offloaded(args.model, args.weights_budget, args.offload,
+                                          args.ffn_sparsity, args.neuron_window)
     if group is not None:
         shard(model, group)
     return model, tokenizer

@@ -298,6 +298,10 @@ def run(args) -> None:
               f"{o['weight_bytes'] / 2**20:.0f} MiB, {o['pinned_units']} units resident, "
               f"{o['streamed_units']} streamed ({o['streamed_bytes_per_pass'] / 2**20:.0f} MiB "
               f"read per forward pass), {o['read_seconds']:.1f} s reading", file=sys.stderr)
+        if o["mode"] == "neurons":
+            print(f"  neurons: {o['neuron_bytes_read'] / 2**20:.0f} MiB of FFN neurons read, "
+                  f"{o['neuron_window_bytes'] / 2**20:.0f} MiB held by the window",
+                  file=sys.stderr)
     windows = model.sliding_windows
     layer_stats = [layer.stats() for layer in cache]
     if any(windows):

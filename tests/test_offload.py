@@ -176,22 +176,24 @@ def test_smollm2_offloaded_is_token_identical_and_within_budget(smollm2):
     # Writing the layout happens once per model, before any budget applies;
     # the bound below is what running under the budget costs.
     prepare("smollm2")
-    for budget in ("50%", "25%"):
+    for budget, mode in (("50%", "layers"), ("25%", "layers"), ("50%", "neurons")):
         gc.collect()
         before = mx.get_active_memory()  # the resident model of the fixture
         mx.reset_peak_memory()
-        offloaded, _ = load("smollm2", weights_budget=budget)
+        # Neurons mode at sparsity 0: every neuron with any activation is
+        # read, so the tokens are the resident model's here too.
+        offloaded, _ = load("smollm2", weights_budget=budget, offload=mode, ffn_sparsity=0.0)
         cache = make_cache(offloaded, "full")
         steps = generate_step(ids, offloaded, cache, make_sampler(0.0))
         got = [next(steps) for _ in range(len(want))]
-        assert got == want, budget
+        assert got == want, (budget, mode)
         stats = offloaded.offload.stats()
         kv = sum(c.nbytes for c in cache)
         # Stated overhead: the streamed unit's unbundled down projection and
         # the step's activations, within 32 MiB here.
         peak = mx.get_peak_memory() - before
-        assert peak <= stats["budget_bytes"] + kv + (32 << 20), (budget, peak)
-        assert stats["streamed_units"] > 0
+        assert peak <= stats["budget_bytes"] + kv + (32 << 20), (budget, mode, peak)
+        assert stats["streamed_units"] > 0 or stats.get("neuron_bytes_read")
         offloaded.offload.store.close()
         del offloaded, cache, steps
 
@@ -272,3 +274,72 @@ def test_ffn_thresholds_skip_the_share_they_were_calibrated_for():
         calibrate(model, tokens, [1.0])
     with pytest.raises(UserError, match="needs a SwiGLU model"):
         calibrate(tiny_model("gemma3"), tokens, [0.5])
+
+
+def thresholds_of(offloaded):
+    return [layer.block.mlp._threshold for layer in offloaded.model.layers]
+
+
+@pytest.mark.parametrize("sparsity, window", [(0.0, 0), (0.5, 0), (0.5, 2)])
+def test_neurons_mode_computes_what_thresholding_computes(tiny_gguf, sparsity, window):
+    path, _ = tiny_gguf
+    model, tokenizer = load(str(path))
+    ids = tokenizer.encode("hello there, hello world")
+    offloaded, _ = load(str(path), weights_budget="60%", offload="neurons",
+                        ffn_sparsity=sparsity, neuron_window=window)
+    thresholds = thresholds_of(offloaded)
+    assert (max(thresholds) > 0) == (sparsity > 0)
+    with thresholded(model, thresholds):
+        want = greedy(model, ids)
+        # Logits of a prompt and of single steps: the reader's sum over the
+        # neurons it read is the dense sum with the others zeroed.
+        dense = model(mx.array(ids)[None])
+    assert mx.allclose(offloaded(mx.array(ids)[None]), dense, atol=1e-4)
+    assert greedy(offloaded, ids) == want
+    stats = offloaded.offload.stats()
+    assert stats["mode"] == "neurons" and stats["neuron_bytes_read"] > 0
+    offloaded.offload.store.close()
+
+
+def test_the_neuron_window_reads_less_and_stays_in_its_room(tiny_gguf):
+    path, _ = tiny_gguf
+    _, tokenizer = load(str(path))
+    ids = tokenizer.encode("hello there")
+    read = {}
+    for window in (0, 4):
+        offloaded, _ = load(str(path), weights_budget="80%", offload="neurons",
+                            ffn_sparsity=0.5, neuron_window=window)
+        caches = offloaded.offload.neuron_caches
+        steps = generate_step(ids, offloaded, make_cache(offloaded, "full"), make_sampler(0.0))
+        next(steps)
+        before = offloaded.offload.stats()["neuron_bytes_read"]
+        for _ in range(8):
+            next(steps)
+            assert caches[0].pool.free >= 0
+        read[window] = offloaded.offload.stats()["neuron_bytes_read"] - before
+        held = offloaded.offload.stats()["neuron_window_bytes"]
+        assert (held > 0) == (window > 0)
+        offloaded.offload.store.close()
+    assert read[4] < read[0]
+
+
+def test_neurons_mode_refuses_what_it_cannot_run_in_one_line(gemma, tmp_path, monkeypatch):
+    monkeypatch.setenv(LAYOUT_DIR, str(tmp_path / "layouts"))
+    # Gemma's FFN is GeGLU: no layout is written for it.
+    done = run_cli("--model", "gemma3-270m", "--prompt", "hi", "--weights-budget", "50%",
+                   "--offload", "neurons", env={LAYOUT_DIR: str(tmp_path / "layouts")})
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
+    assert "needs a SwiGLU model" in done.stderr
+    assert not list((tmp_path / "layouts").glob("*.safetensors"))
+    done = run_cli("--prompt", "hi", "--weights-budget", "50%", "--offload", "neurons",
+                   "--ffn-sparsity", "1.5")
+    assert done.returncode == 2 and "--ffn-sparsity" in done.stderr
+
+
+def test_the_cli_runs_neurons_mode_and_says_what_it_read(smollm2, tmp_path):
+    done = run_cli("--prompt", PROMPT, "--max-tokens", "8", "--weights-budget", "50%",
+                   "--offload", "neurons", env={LAYOUT_DIR: str(tmp_path / "layouts")})
+    assert done.returncode == 0, done.stderr
+    assert "MiB of FFN neurons read" in done.stderr and done.stdout.strip()
+    # The thresholds were calibrated once and kept beside the layout.
+    assert list((tmp_path / "layouts").glob("*-neurons.thresholds.json"))

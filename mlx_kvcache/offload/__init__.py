@@ -26,7 +26,7 @@ from mlx_kvcache.offload import from_gguf, layout as layout_file
 from mlx_kvcache.offload.runtime import attach
 from mlx_kvcache.packaged_models import cache_dir
 
-MODES = ("layers",)
+MODES = layout_file.MODES
 LAYOUT_DIR = "MLX_KVCACHE_OFFLOAD_DIR"
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(%|[KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -49,28 +49,37 @@ def parse_budget(text: Union[str, int], weight_bytes: int) -> int:
     return int(value * _UNITS[unit])
 
 
-def layout_path(source: Path) -> Path:
-    """Where `source`'s layout lives ($MLX_KVCACHE_OFFLOAD_DIR, else under
-    huggingface-hub's cache), keyed by the file's path, size and time."""
+def layout_path(source: Path, mode: str = "layers") -> Path:
+    """Where `source`'s layout for `mode` lives ($MLX_KVCACHE_OFFLOAD_DIR, else
+    under huggingface-hub's cache), keyed by the file's path, size and time."""
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     folder = Path(os.environ.get(LAYOUT_DIR) or cache_dir() / "offload")
-    return folder / f"{source.stem}-{key.hexdigest()[:12]}.safetensors"
+    suffix = "" if mode == "layers" else f"-{mode}"
+    return folder / f"{source.stem}-{key.hexdigest()[:12]}{suffix}.safetensors"
 
 
-def prepare(name: Optional[str], progress=None) -> Path:
-    """Write the layout of model `name` (once). A GGUF file is read tensor by
-    tensor (from_gguf.py); a Hugging Face directory is loaded whole first."""
+def prepare(name: Optional[str], progress=None, mode: str = "layers") -> Path:
+    """Write the layout of model `name` for `mode` (once). A GGUF file is read
+    tensor by tensor (from_gguf.py); a Hugging Face directory is loaded whole
+    first."""
+    check_mode(mode)
     source = loading.resolve(name)
-    target = layout_path(source)
+    target = layout_path(source, mode)
     if target.exists():
         return target
     if source.suffix == ".gguf":
-        from_gguf.write_layout(source, target, progress)
+        from_gguf.write_layout(source, target, progress, mode)
     else:
         model, _ = loading.load(name, dequantize=True)
-        layout_file.write(model, dataclasses.asdict(model.args), target, str(source), progress)
+        layout_file.write(model, dataclasses.asdict(model.args), target, str(source), progress,
+                          mode)
     return target
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UserError(f"--offload {mode!r}: one of {', '.join(MODES)}")
 
 
 def _progress_bar(done: int, total: int) -> None:
@@ -81,24 +90,29 @@ def _progress_bar(done: int, total: int) -> None:
           file=sys.stderr, flush=True)
 
 
-def load_offloaded(name: Optional[str], weights_budget, mode: str = "layers"):
+def load_offloaded(name: Optional[str], weights_budget, mode: str = "layers",
+                   ffn_sparsity: float = 0.3, neuron_window: int = 0):
     """(model, tokenizer) with at most `weights_budget` of weights resident;
-    the layout is prepared on first use, with a progress bar."""
-    if mode not in MODES:
-        raise UserError(f"--offload {mode!r}: one of {', '.join(MODES)}")
+    the layout is prepared on first use, with a progress bar. `ffn_sparsity`
+    and `neuron_window`: neurons mode's (neurons.py)."""
+    check_mode(mode)
     source = loading.resolve(name)
-    path = layout_path(source)
+    path = layout_path(source, mode)
     if not path.exists():
-        print(f"no offload layout for {source.name} yet: writing it to {path.parent} (once)",
-              file=sys.stderr)
-        prepare(name, progress=_progress_bar)
+        def progress(done: int, total: int) -> None:
+            if done == 0:  # said once the model is known to have a layout
+                print(f"no offload layout for {source.name} yet: writing it to {path.parent} "
+                      "(once)", file=sys.stderr)
+            _progress_bar(done, total)
+
+        prepare(name, progress=progress, mode=mode)
     layout = layout_file.read(path)
     budget = parse_budget(weights_budget, layout.weight_bytes)
     model = build_model(layout.config)  # lazy: its initial weights are never computed
     if layout.tied and "lm_head" in model:
         model.pop("lm_head")
         model.tie_word_embeddings = True
-    model = attach(model, layout, budget)
+    model = attach(model, layout, budget, mode, ffn_sparsity, neuron_window)
     model.eval()
     model.source = str(source)
     model.context_length = layout.config.get("max_position_embeddings")

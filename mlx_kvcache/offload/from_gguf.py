@@ -26,11 +26,15 @@ from mlx_kvcache.offload import layout as layout_file
 
 # Rows of a matrix dequantized at a time (the embedding table, the head).
 CHUNK_BYTES = 16 << 20
+# A bundle -> the projections it interleaves, neuron by neuron (down last: its columns).
+BUNDLED = {layout_file.BUNDLE: (layout_file.GATE, layout_file.UP, layout_file.DOWN),
+           layout_file.UPDOWN: (layout_file.UP, layout_file.DOWN)}
 ROPE_FREQS = "offloading a GGUF with rope_freqs (Llama 3.1) is not supported yet"
 
 
 def write_layout(source: Path, target: Path,
-                 progress: Optional[Callable[[int, int], None]] = None) -> None:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 mode: str = "layers") -> None:
     metadata, tensors = gguf.read_header(source)
     gemma = gguf.is_gemma(metadata)
     by_name = {gguf.hf_name(t.name, gemma): t for t in tensors}
@@ -43,21 +47,21 @@ def write_layout(source: Path, target: Path,
     if "lm_head.weight" not in by_name and "lm_head" in model:
         model.pop("lm_head")  # tied: as the ports' sanitize does
     _check_shapes(source, model, by_name)
-    plan = layout_file.plan_of(layout_file.model_units(model))
+    plan = layout_file.plan_of(layout_file.model_units(model, mode))
     entries = dict(plan)
     fd = os.open(source, os.O_RDONLY)
     try:
         def pieces(unit: str) -> Iterator[Tuple[str, np.ndarray]]:
             for key, _, _ in entries[unit]:
-                if key == layout_file.BUNDLE:
-                    yield from _bundle_pieces(fd, unit, by_name)
+                if key in BUNDLED:
+                    yield from _bundle_pieces(fd, unit, key, by_name)
                 else:
                     tensor = by_name[layout_file.parameter_name(unit, key)]
                     for rows in _row_chunks(fd, tensor, gemma):
                         yield key, rows
 
         layout_file.write_pieces(plan, pieces, dataclasses.asdict(model.args), target,
-                                 str(source), progress)
+                                 str(source), progress, mode)
     finally:
         os.close(fd)
 
@@ -96,14 +100,15 @@ def _row_chunks(fd: int, tensor: gguf.TensorInfo, gemma: bool) -> Iterator[np.nd
         yield values - 1 if gguf.stores_one_plus(tensor.name, gemma) else values
 
 
-def _bundle_pieces(fd: int, unit: str, by_name: Dict[str, gguf.TensorInfo]):
-    """The layer's FFN bundle (layout.bundle_ffn) in chunks of neurons."""
-    gate, up, down = (
-        _read(fd, t, 0, math.prod(t.shape) // t.shape[-1]).reshape(t.shape)
-        for t in (by_name[layout_file.parameter_name(unit, key)]
-                  for key in (layout_file.GATE, layout_file.UP, layout_file.DOWN)))
-    step = max(1, CHUNK_BYTES // (12 * gate.shape[1]))
-    for first in range(0, gate.shape[0], step):
+def _bundle_pieces(fd: int, unit: str, key: str, by_name: Dict[str, gguf.TensorInfo]):
+    """A layer's FFN bundle (layout.bundle_ffn, layout.split_ffn) in chunks of
+    neurons: rows of the projections in BUNDLED[key], the down projection's
+    columns."""
+    matrices = [_read(fd, t, 0, math.prod(t.shape) // t.shape[-1]).reshape(t.shape)
+                for t in (by_name[layout_file.parameter_name(unit, name)]
+                          for name in BUNDLED[key])]
+    *rows, down = matrices
+    step = max(1, CHUNK_BYTES // (4 * len(matrices) * down.shape[0]))
+    for first in range(0, down.shape[1], step):
         neurons = slice(first, first + step)
-        yield layout_file.BUNDLE, np.stack([gate[neurons], up[neurons], down[:, neurons].T],
-                                           axis=1)
+        yield key, np.stack([m[neurons] for m in rows] + [down[:, neurons].T], axis=1)

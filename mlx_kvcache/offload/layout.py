@@ -9,6 +9,11 @@ the FFN is row-column bundled as in "LLM in a flash" (Alizadeh et al., 2023):
 `mlp.bundle` [intermediate, 3, hidden] holds, for neuron i, its gate row, its
 up row and its down column together, so one contiguous read brings a neuron.
 
+The neurons layout (`--offload neurons`) keeps the gate projection whole in
+`layer.i`, since every token computes it first, and puts each layer's up rows
+and down columns in a unit of their own, `neurons.i`: `mlp.updown`
+[intermediate, 2, hidden], read a neuron (a run of neurons) at a time.
+
 The header's metadata holds the model config, what the ports need to rebuild
 the model without the original weights, and each unit's byte range and CRC-32,
 checked on the unit's first read in a process (CRC-32 runs at about the disk's
@@ -32,10 +37,14 @@ from mlx.utils import tree_flatten
 
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.files import replaced_atomically
+from mlx_kvcache.offload.sparsity import SWIGLU_TYPES
 
 FORMAT = "mlx_kvcache.offload/1"
 GATE, UP, DOWN = "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"
 BUNDLE = "mlp.bundle"
+UPDOWN = "mlp.updown"
+PROGRESS_STEP = 32 << 20  # bytes written between progress reports
+MODES = ("layers", "neurons")
 # safetensors dtype names; bfloat16 travels through numpy as its uint16 bits.
 DTYPES = {mx.float32: ("F32", np.float32), mx.float16: ("F16", np.float16),
           mx.bfloat16: ("BF16", np.uint16)}
@@ -64,15 +73,21 @@ class Unit:
         return self.end - self.start
 
 
-def model_units(model) -> List[Tuple[str, Dict[str, mx.array]]]:
+def model_units(model, mode: str = "layers") -> List[Tuple[str, Dict[str, mx.array]]]:
     """[(unit name, {path within the unit: array})] in order of use."""
+    if mode == "neurons" and model.args.model_type not in SWIGLU_TYPES:
+        raise UserError(f"--offload neurons needs a SwiGLU model ({', '.join(SWIGLU_TYPES)}), "
+                        f"not {model.args.model_type}: use --offload layers")
     params = dict(tree_flatten(model.parameters()))
     n_layers = len(model.layers)
     units = [("embed", {"weight": params.pop("model.embed_tokens.weight")})]
     for i in range(n_layers):
         prefix = f"model.layers.{i}."
         layer = {k[len(prefix):]: params.pop(k) for k in list(params) if k.startswith(prefix)}
-        units.append((f"layer.{i}", bundle_ffn(layer)))
+        if mode == "neurons":
+            units += [(f"layer.{i}", layer), (f"neurons.{i}", split_ffn(layer))]
+        else:
+            units.append((f"layer.{i}", bundle_ffn(layer)))
     if "lm_head.weight" in params:
         units.append(("head", {"weight": params.pop("lm_head.weight")}))
     units.append(("rest", params))
@@ -84,14 +99,28 @@ def model_units(model) -> List[Tuple[str, Dict[str, mx.array]]]:
     return units
 
 
+def _has_swiglu(layer: Dict[str, mx.array]) -> bool:
+    return all(k in layer for k in (GATE, UP, DOWN)) and not any(
+        "mlp." in k and "bias" in k for k in layer)
+
+
 def bundle_ffn(layer: Dict[str, mx.array]) -> Dict[str, mx.array]:
     """Gate and up rows and the down column of each neuron side by side."""
-    if not all(k in layer for k in (GATE, UP, DOWN)) or any("mlp." in k and "bias" in k
-                                                            for k in layer):
+    if not _has_swiglu(layer):
         return layer
     gate, up, down = layer.pop(GATE), layer.pop(UP), layer.pop(DOWN)
     layer[BUNDLE] = mx.stack([gate, up, down.T], axis=1)
     return layer
+
+
+def split_ffn(layer: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """The neurons unit: each neuron's up row and down column side by side,
+    taken out of `layer` (which keeps the gate projection)."""
+    if not _has_swiglu(layer):
+        raise UserError("--offload neurons needs a SwiGLU feed-forward (gate, up and down "
+                        "projections without biases): use --offload layers")
+    up, down = layer.pop(UP), layer.pop(DOWN)
+    return {UPDOWN: mx.stack([up, down.T], axis=1)}
 
 
 def unbundle_ffn(tensors: Dict[str, mx.array]) -> Dict[str, mx.array]:
@@ -120,8 +149,8 @@ def parameter_name(unit: str, key: str) -> str:
         return "model.embed_tokens.weight"
     if unit == "head":
         return "lm_head.weight"
-    if unit.startswith("layer."):
-        return f"model.layers.{unit[len('layer.'):]}.{key}"
+    if unit.startswith(("layer.", "neurons.")):
+        return f"model.layers.{unit.split('.', 1)[1]}.{key}"
     return key
 
 
@@ -132,20 +161,21 @@ def plan_of(units: List[Tuple[str, Dict[str, mx.array]]]) -> Plan:
 
 
 def write(model, config: dict, path: Path, source: str,
-          progress: Optional[Callable[[int, int], None]] = None) -> None:
+          progress: Optional[Callable[[int, int], None]] = None, mode: str = "layers") -> None:
     """Write the layout of `model`, loaded whole (see write_pieces)."""
-    units = model_units(model)
+    units = model_units(model, mode)
     arrays = dict(units)
 
     def pieces(unit):
         for key, array in arrays[unit].items():
             yield key, _to_numpy(array)
 
-    write_pieces(plan_of(units), pieces, config, path, source, progress)
+    write_pieces(plan_of(units), pieces, config, path, source, progress, mode)
 
 
 def write_pieces(plan: Plan, pieces: Pieces, config: dict, path: Path, source: str,
-                 progress: Optional[Callable[[int, int], None]] = None) -> None:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 mode: str = "layers") -> None:
     """Write the layout `plan` describes, its bytes from `pieces`, to `path`
     (atomically; refused if the disk lacks the space)."""
     header, unit_meta, offset = {}, [], 0
@@ -166,21 +196,25 @@ def write_pieces(plan: Plan, pieces: Pieces, config: dict, path: Path, source: s
     with replaced_atomically(path, ".safetensors") as tmp:
         with open(tmp, "wb") as out:
             # The header is written last, once the CRCs are known; reserve it.
-            metadata = {"format": FORMAT, "config": json.dumps(config), "source": source,
+            metadata = {"format": FORMAT, "mode": mode, "config": json.dumps(config),
+                        "source": source,
                         "tied": json.dumps("head" not in [n for n, _ in plan]),
                         "units": json.dumps([{**u, "crc32": 0xFFFFFFFF} for u in unit_meta])}
             longest = _header_bytes(header, metadata, pad_to=None)
             out.write(b"\0" * len(longest))
             data_start = out.tell()
-            done = 0
+            done = shown = 0
+            if progress is not None:
+                progress(0, total)
             for name, entries in plan:
                 crc = 0
                 for key, data in _checked(name, entries, pieces(name), header):
                     crc = zlib.crc32(data, crc)
                     out.write(data)
                     done += data.nbytes
-                    if progress is not None:
+                    if progress is not None and (done - shown >= PROGRESS_STEP or done == total):
                         progress(done, total)
+                        shown = done
                 crcs.append(crc)
             metadata["units"] = json.dumps([{**u, "crc32": c} for u, c in zip(unit_meta, crcs)])
             final = _header_bytes(header, metadata, pad_to=data_start - 8)
@@ -231,6 +265,7 @@ class Layout:
     source: str
     tied: bool
     units: Dict[str, Unit]
+    mode: str = "layers"
 
     @property
     def weight_bytes(self) -> int:
@@ -267,7 +302,7 @@ def read(path: Path) -> Layout:
         if max(u.end for u in units.values()) != size:
             raise UserError(damaged)
         return Layout(path, json.loads(metadata["config"]), metadata["source"],
-                      json.loads(metadata["tied"]), units)
+                      json.loads(metadata["tied"]), units, metadata.get("mode", "layers"))
     except UserError:
         raise
     except OSError as e:
@@ -320,3 +355,33 @@ def read_rows(fd: int, unit: Unit, rows: List[int]) -> np.ndarray:
     for i, row in enumerate(rows):
         out[i] = np.frombuffer(os.pread(fd, row_bytes, table.start + row * row_bytes), dtype)
     return out
+
+
+def read_neurons(fd: int, unit: Unit, ids: np.ndarray,
+                 max_gap: int = 0) -> Tuple[np.ndarray, int]:
+    """(rows `ids` (sorted neuron indices) of a neurons unit's `mlp.updown`
+    [len(ids), 2, hidden], bytes read): one pread per run of neurons, runs
+    joined across gaps of up to `max_gap` unused neurons, which are read too
+    (a system call costs more than a few KiB of reading)."""
+    (table,) = unit.tensors
+    dtype = np.dtype(NUMPY[table.dtype])
+    row_bytes = int(np.prod(table.shape[1:])) * dtype.itemsize
+    if len(ids) == 0:
+        return np.empty((0, *table.shape[1:]), dtype), 0
+    breaks = np.flatnonzero(np.diff(ids) > max_gap + 1) + 1
+    firsts, lasts = ids[np.r_[0, breaks]], ids[np.r_[breaks, len(ids)] - 1] + 1
+    # The spans read one after another into one buffer; where each id landed.
+    span_rows = lasts - firsts
+    span_start = np.r_[0, np.cumsum(span_rows)[:-1]]
+    buffer = np.empty((int(span_rows.sum()), *table.shape[1:]), dtype)
+    view = memoryview(buffer.reshape(-1).view(np.uint8))
+    for first, rows, at in zip(firsts.tolist(), span_rows.tolist(), span_start.tolist()):
+        want = rows * row_bytes
+        got = os.preadv(fd, [view[at * row_bytes : at * row_bytes + want]],
+                        table.start + first * row_bytes)
+        if got != want:
+            raise UserError(f"offload layout truncated in {unit.name}")
+    if len(buffer) == len(ids):
+        return buffer, buffer.nbytes
+    span_of = np.searchsorted(firsts, ids, side="right") - 1
+    return buffer[span_start[span_of] + ids - firsts[span_of]], buffer.nbytes

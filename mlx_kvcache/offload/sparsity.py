@@ -22,6 +22,8 @@ import numpy as np
 
 from mlx_kvcache.errors import UserError
 
+SWIGLU_TYPES = ("llama", "qwen2", "qwen3")
+
 
 class ThresholdedMLP(nn.Module):
     """A SwiGLU MLP whose neurons below `threshold` contribute nothing."""
@@ -42,8 +44,8 @@ class ThresholdedMLP(nn.Module):
 
 def _swiglu_blocks(model) -> list:
     blocks = list(model.layers)
-    if model.args.model_type not in ("llama", "qwen2", "qwen3"):
-        raise UserError(f"FFN sparsity needs a SwiGLU model (llama, qwen2, qwen3), "
+    if model.args.model_type not in SWIGLU_TYPES:
+        raise UserError(f"FFN sparsity needs a SwiGLU model ({', '.join(SWIGLU_TYPES)}), "
                         f"not {model.args.model_type}")
     return blocks
 
@@ -95,4 +97,10 @@ def calibrate(model, tokens: List[int], sparsities: List[float]) -> dict:
     with _mlps_wrapped(model, lambda i, mlp: _Recorder(mlp)) as recorders:
         mx.eval(model(mx.array(tokens)[None]))
     layers = [np.array(r.magnitudes.astype(mx.float32)) for r in recorders]
-    return {s: [float(np.quantile(m, s)) if s > 0 else 0.0 for m in layers] for s in sparsities}
+    return {s: quantile_thresholds(layers, s) for s in sparsities}
+
+
+def quantile_thresholds(magnitudes: List[np.ndarray], sparsity: float) -> List[float]:
+    """Per layer, the threshold below which `sparsity` of its |silu(gate)|
+    values fall (0 for no sparsity: every neuron with any activation used)."""
+    return [float(np.quantile(m, sparsity)) if sparsity > 0 else 0.0 for m in magnitudes]
