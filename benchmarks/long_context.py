@@ -17,7 +17,14 @@ layers x L^2/2 exponentials, and this CPU computes ~40 M/s of them, so one
 - every other policy runs its own track, copied at each checkpoint.
 
     python benchmarks/long_context.py --quick    # one 8K window, L/8, 128 scored (~13 min)
-    python benchmarks/long_context.py            # see --lengths, --windows
+    python benchmarks/long_context.py            # every policy at 8K, both texts (under 2 h)
+    python benchmarks/long_context.py --lengths 8192,16384,32768 --windows 2   # hours: see docs
+
+What an 8K window of every policy costs here (measured): the shared prefill
+90 s, each own-prefill policy 100 s (StreamingLLM) to 230 s (H2O: it scores
+every chunk), 256 scored tokens at 0.3-0.45 s each per setting: about 45 min.
+Prefill grows with the square of the context, so a 32K window of every policy
+is many hours on 2 cores (docs/benchmarks.md).
 
 Writes benchmarks/results/long_context.json (long_context_quick.json) after
 every checkpoint.
@@ -156,7 +163,7 @@ def score(model, spec, window, scored, cache, log):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--lengths", default=None, help="comma-separated (default 8192,16384)")
+    parser.add_argument("--lengths", default=None, help="comma-separated (default 8192)")
     parser.add_argument("--windows", type=int, default=None,
                         help="windows per text (default 1; --quick: one text, one window)")
     parser.add_argument("--ratios", default=None, help="comma-separated (default 1/16,1/8)")
@@ -169,6 +176,9 @@ def main():
                         help="keep each shared full prefill here (~24 KiB per token) and "
                         "reuse it in later runs: settings can be added without paying "
                         "the prefill again")
+    parser.add_argument("--only-window", type=int, default=None, metavar="N",
+                        help="run only the Nth (from 0) of each text's --windows windows: add "
+                        "a window to an earlier run (--windows 2 --only-window 1)")
     parser.add_argument("--texts", default=None,
                         help=f"comma-separated, of {', '.join(TEXTS)} (default: both; --quick: "
                         "coreutils)")
@@ -183,8 +193,7 @@ def main():
                         help="result file name (default long_context, long_context_quick)")
     args = parser.parse_args()
     quick = args.quick
-    lengths = sorted(int(x) for x in (args.lengths or ("8192" if quick else "8192,16384"))
-                     .split(","))
+    lengths = sorted(int(x) for x in (args.lengths or "8192").split(","))
     ratios = [float(Fraction(r)) for r in (args.ratios or ("1/8" if quick else "1/16,1/8")).split(",")]
     names = args.texts.split(",") if args.texts else ["coreutils"] if quick else list(TEXTS)
     texts = {name: TEXTS[name] for name in names}
@@ -212,9 +221,12 @@ def main():
               "lengths": lengths, "ratios": ratios, "scored": measured,
               "policies": [s.label() for s in specs + references],
               "prefill": [], "checkpoints": []}
+    started = time.perf_counter()
     for text_name, path in texts.items():
         tokens = tokenizer.encode(read_text(path), add_special_tokens=False)
         for w, first in enumerate(window_starts(len(tokens), lengths[-1], n_windows)):
+            if args.only_window is not None and w != args.only_window:
+                continue
             window = tokens[first : first + lengths[-1]]
             tracks = {"full": make_cache(model, "full")}
             tracks.update({s.label(): s.cache(model, lengths[-1]) for s in own})
@@ -273,6 +285,7 @@ def main():
                     r["ratio_to_full"] = r["ppl"] / full_ppl
                 report["checkpoints"].append({"text": text_name, "window": w, "start": first,
                                               "context": length, "results": results})
+                report["wall_seconds"] = time.perf_counter() - started
                 write_result(args.name or ("long_context_quick" if quick else "long_context"),
                              report)
 

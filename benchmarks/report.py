@@ -358,6 +358,19 @@ def long_context_table(result, timing=None) -> str:
     return "\n".join(lines)
 
 
+def long_context_every_policy(result, more=None) -> str:
+    """Every policy at its defaults over several windows: `more`, a run that
+    added windows to `result` (`--only-window`), is merged into it."""
+    if more:
+        result = {**result, "checkpoints": result["checkpoints"] + more["checkpoints"],
+                  "prefill": result["prefill"] + more["prefill"]}
+    table = long_context_table(result)
+    if more:
+        head, rest = table.split("\n", 1)
+        table = f"{head} Windows added by: {where(more)}\n{rest}"
+    return table
+
+
 def multi_turn_table(result) -> str:
     full = result["results"][0]
     reread = full.get("reread_ttft_s", {})
@@ -849,6 +862,8 @@ TABLES = {
     "long_context_quick": ("long_context_quick", long_context_table, ""),
     "long_context_32k": ("long_context_32k",
                          lambda r: long_context_table(r, load("long_context_32k_timing")), ""),
+    "long_context_8k": ("long_context_8k",
+                        lambda r: long_context_every_policy(r, load("long_context_8k_more")), ""),
     "long_context_tradeoff": ("long_context_tradeoff",
                               lambda r: tradeoff_table(r, load("long_context_tradeoff_timing")),
                               "\n\n![RefreshKV trade-off at 8K]({results}/long_context_tradeoff.png)"),

@@ -4,19 +4,19 @@ layout now (otherwise it is written on first use)."""
 import argparse
 
 from mlx_kvcache.cli import run_command
-from mlx_kvcache.offload import _progress_bar, layout_path, prepare
+from mlx_kvcache.offload import MODES, _progress_bar, layout_path, prepare
 from mlx_kvcache.process import exit_now
 from mlx_kvcache import loading
 
 
 def run(args) -> None:
     source = loading.resolve(args.model)
-    target = layout_path(source)
+    target = layout_path(source, args.offload)
     if target.exists():
         print(f"{target} (already prepared)")
         return
     print(f"{target}")
-    prepare(args.model, progress=_progress_bar)
+    prepare(args.model, progress=_progress_bar, mode=args.offload)
 
 
 def main(argv=None) -> int:
@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     prepare_parser = commands.add_parser("prepare", help="write the offload layout of a model")
     prepare_parser.add_argument("--model", default=None)
+    prepare_parser.add_argument("--offload", default="layers", choices=MODES,
+                                help="the layout of this mode (default layers)")
     return run_command(run, parser.parse_args(argv))
 
 

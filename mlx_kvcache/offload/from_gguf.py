@@ -35,6 +35,8 @@ ROPE_FREQS = "offloading a GGUF with rope_freqs (Llama 3.1) is not supported yet
 def write_layout(source: Path, target: Path,
                  progress: Optional[Callable[[int, int], None]] = None,
                  mode: str = "layers") -> None:
+    """Write the layout of GGUF file `source` for `mode` to `target`; one line
+    (UserError) on a file whose tensors do not make the model it describes."""
     metadata, tensors = gguf.read_header(source)
     gemma = gguf.is_gemma(metadata)
     by_name = {gguf.hf_name(t.name, gemma): t for t in tensors}

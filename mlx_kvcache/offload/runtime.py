@@ -25,20 +25,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-import numpy as np
-
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.offload import layout as layout_file
+from mlx_kvcache.offload import neurons
 
 EMPTY = mx.zeros((0,))
 # Neurons mode: unused neurons read rather than skipped between two runs of
 # used ones, up to this many. Measured on SmolLM2 at a 75% budget: gaps of 1
 # to 8 read 20-45% more bytes and were no faster, so none.
 NEURON_GAP = 0
+# Neurons mode: preads in flight at once. Reading 70% of SmolLM2's neurons
+# from storage took 0.49 s one run after another, 0.34 s four at a time (all
+# of them, sequentially: 0.31 s).
+NEURON_READERS = 4
 
 
 @dataclass
@@ -104,6 +108,8 @@ class WeightStore:
         self.resident: Dict[str, Dict[str, mx.array]] = {}
         self.pending: Dict[str, Future] = {}
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload-reader")
+        self.neuron_readers = ThreadPoolExecutor(NEURON_READERS,
+                                                 thread_name_prefix="offload-neurons")
         self.lock = threading.Lock()
         self.verified = set()
         # Each unit -> the next streamed unit after it in the cycle: its read
@@ -168,7 +174,8 @@ class WeightStore:
         """Neurons `ids` of a neurons unit (neurons mode), read now."""
         start = time.perf_counter()
         rows, nbytes = layout_file.read_neurons(self.fd, self.layout.units[unit], ids,
-                                                NEURON_GAP)
+                                                NEURON_GAP, self.neuron_readers,
+                                                NEURON_READERS)
         if hasattr(os, "posix_fadvise"):  # as read_unit: the next read comes from storage
             os.posix_fadvise(self.fd, self.layout.units[unit].start,
                              self.layout.units[unit].nbytes, os.POSIX_FADV_DONTNEED)
@@ -180,6 +187,7 @@ class WeightStore:
 
     def close(self) -> None:
         self.reader.shutdown(wait=True)
+        self.neuron_readers.shutdown(wait=True)
         os.close(self.fd)
 
 
@@ -297,8 +305,6 @@ def attach(model: nn.Module, layout: layout_file.Layout, budget: int, mode: str 
     mx.set_cache_limit(max((u.nbytes for u in layout.units.values()), default=0))
     model.offload = OffloadInfo(store, mode)
     if mode == "neurons":
-        from mlx_kvcache.offload import neurons
-
         window_bytes = budget - in_use - store.plan.resident_bytes
         model.offload.neuron_caches = neurons.attach(model, store, ffn_sparsity, neuron_window,
                                                      window_bytes)
