@@ -33,7 +33,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from common import write_result
+from common import RESULTS, write_result
 
 from mlx_kvcache import load, make_cache
 from mlx_kvcache.generate import generate_step, make_sampler
@@ -217,6 +217,23 @@ def measure_prepare(models) -> None:
     write_result("offload_prepare", report)
 
 
+def neuron_runs(model_name: str, entry: dict, bandwidth: float) -> None:
+    """Neurons mode at its defaults beside exact mode's runs in `entry`."""
+    # Neurons mode: its layout, then a first load calibrates its thresholds
+    # (kept for the rest).
+    prepare(model_name, mode="neurons")
+    in_child("--one", model_name, "100%", "neurons", "0")
+    entry.update(thresholded_ppl(model_name), ffn_sparsity=FFN_SPARSITY, neuron_runs=[])
+    for budget, window in NEURON_RUNS:
+        run = in_child("--one", model_name, budget, "neurons", str(window))
+        run["limit_ms_per_token"] = run["bytes_read_per_token"] / (bandwidth * 1e9) * 1e3
+        run["identical_to_resident"] = run["tokens"] == entry["runs"][0]["tokens"]
+        entry["neuron_runs"].append(run)
+        print(f"  neurons {budget}, window {window}: {run['decode_ms_per_token']:.0f} "
+              f"ms/token, {run['bytes_read_per_token'] / 2**20:.0f} MiB read/token, "
+              f"identical {run['identical_to_resident']}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -224,6 +241,9 @@ def main():
     parser.add_argument("--prepare", action="store_true",
                         help="measure writing the layout (seconds, peak RSS), streamed from "
                         "the GGUF and from the model loaded whole")
+    parser.add_argument("--neurons-only", action="store_true",
+                        help="measure neurons mode again, keeping the exact-mode runs of the "
+                        "last result file")
     parser.add_argument("--one", nargs="+", metavar="MODEL BUDGET [MODE WINDOW]",
                         help=argparse.SUPPRESS)
     parser.add_argument("--prepare-one", nargs=2, metavar=("MODEL", "HOW"),
@@ -240,10 +260,24 @@ def main():
     if args.prepare:
         measure_prepare(models + ([] if args.models else ["gemma3-270m"]))
         return
+    name = "offload_quick" if args.quick else "offload"
     report = {"benchmark": "offload", "quick": args.quick, "decode_tokens": DECODE_TOKENS,
               "prompt": PROMPT, "models": []}
+    earlier = {}
+    if args.neurons_only:
+        kept = json.loads((RESULTS / f"{name}.json").read_text())
+        earlier = {e["model"]: e for e in kept["models"]}
+        report["exact_mode_from"] = kept["provenance"]
     for model_name in models:
         layout = prepare(model_name)
+        if model_name in earlier:
+            entry = {k: v for k, v in earlier[model_name].items() if k == "runs" or
+                     k in ("model", "layout_bytes", "disk_read_gbs")}
+            bandwidth = entry["disk_read_gbs"]
+            report["models"].append(entry)
+            neuron_runs(model_name, entry, bandwidth)
+            write_result(name, report)
+            continue
         bandwidth = disk_read_gbs(layout)
         entry = {"model": model_name, "layout_bytes": layout.stat().st_size,
                  "disk_read_gbs": bandwidth, "runs": []}
@@ -263,19 +297,9 @@ def main():
                      f"{run['ratio_to_limit']:.2f}x the limit, identical "
                      f"{run['identical_to_resident']}" if budget != "resident" else ""),
                   flush=True)
-        # Neurons mode: a first load calibrates its thresholds (kept for the rest).
-        in_child("--one", model_name, "100%", "neurons", "0")
-        entry.update(thresholded_ppl(model_name), ffn_sparsity=FFN_SPARSITY, neuron_runs=[])
-        for budget, window in NEURON_RUNS:
-            run = in_child("--one", model_name, budget, "neurons", str(window))
-            run["limit_ms_per_token"] = run["bytes_read_per_token"] / (bandwidth * 1e9) * 1e3
-            run["identical_to_resident"] = run["tokens"] == entry["runs"][0]["tokens"]
-            entry["neuron_runs"].append(run)
-            print(f"  neurons {budget}, window {window}: {run['decode_ms_per_token']:.0f} "
-                  f"ms/token, {run['bytes_read_per_token'] / 2**20:.0f} MiB read/token, "
-                  f"identical {run['identical_to_resident']}", flush=True)
+        neuron_runs(model_name, entry, bandwidth)
         report["models"].append(entry)
-        write_result("offload_quick" if args.quick else "offload", report)
+        write_result(name, report)
 
 
 if __name__ == "__main__":

@@ -326,10 +326,12 @@ def long_context_table(result, timing=None) -> str:
     contexts = list(rows)
     windows = sorted({(c["text"], c["window"]) for c in result["checkpoints"]})
     texts = sorted({t for t, _ in windows})
+    # The first window whose prefill this run made (others may have been kept).
+    made = sorted({(p["text"], p["window"]) for p in result["prefill"]})
     prefill = ", ".join(
         f"{p['upto']} tokens in {p['seconds'] / 60:.0f} min"
         + (f" (going on from a kept prefill of {p['from']})" if p.get("from") else "")
-        for p in result["prefill"] if p["window"] == 0 and p["text"] == texts[0])
+        for p in result["prefill"] if made and (p["text"], p["window"]) == made[0])
     lines = [f"Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, dequantized to float32): perplexity of the "
              f"last {result['scored']} tokens of each window, scored one token at a time, as a "
              f"ratio to full (over {len(windows)} window(s) from {', '.join(texts)}; per-window "
@@ -478,7 +480,9 @@ def offload_table(result) -> str:
              f"disk's read bandwidth (the higher of a sequential read of the same file and the "
              f"fastest rate a run achieved reading its units); floor: the larger "
              f"of the limit and the resident model's own ms/token (reading can at best hide "
-             f"behind the compute). {where(result)}", ""]
+             f"behind the compute). {where(result)}"
+             + (f" Exact-mode rows kept from {where({'provenance': result['exact_mode_from']})}"
+                if "exact_mode_from" in result else ""), ""]
     for entry in result["models"]:
         compute = entry["runs"][0]["decode_ms_per_token"]  # the resident run
         limits, bandwidth = offload_limits(entry)
@@ -610,7 +614,8 @@ def long_generation_table(result, *more) -> str:
     provenance = where(result)
     if len(results) > 1:
         def contexts(r):
-            return ", ".join(sorted({f"{run['context'] // 1024}K" for run in r["runs"]}))
+            return ", ".join(sorted({f"{run['context'] // 1024}K {run['task']}"
+                                     for run in r["runs"]}))
         provenance = "; ".join(f"{contexts(r)}: {where(r)}" for r in results)
     lines = [f"{result['model'].split('/')[-1]}: {'; '.join(described)}. Full, SnapKV and "
              "RefreshKV continue one full prefill of each prompt; the others prefill their "
@@ -877,7 +882,9 @@ TABLES = {
     "ffn_sparsity_quick": ("ffn_sparsity_quick", ffn_sparsity_table, ""),
     "cpu_attention": ("cpu_attention", cpu_attention_table, ""),
     "long_generation": ("long_generation",
-                        lambda r: long_generation_table(r, load("long_generation_20k")), ""),
+                        lambda r: long_generation_table(r, load("long_generation_20k"),
+                                                        load("long_generation_longform_8k")),
+                        ""),
     "long_generation_quick": ("long_generation_quick", long_generation_table, ""),
     "distributed": ("distributed", distributed_table, ""),
     "distributed_quick": ("distributed_quick", distributed_table, ""),

@@ -343,3 +343,17 @@ def test_the_cli_runs_neurons_mode_and_says_what_it_read(smollm2, tmp_path):
     assert "MiB of FFN neurons read" in done.stderr and done.stdout.strip()
     # The thresholds were calibrated once and kept beside the layout.
     assert list((tmp_path / "layouts").glob("*-neurons.thresholds.json"))
+
+
+def test_neurons_mode_pins_whole_neuron_units_where_the_budget_allows(tiny_gguf):
+    path, _ = tiny_gguf
+    model, tokenizer = load(str(path))
+    ids = tokenizer.encode("hello there")
+    offloaded, _ = load(str(path), weights_budget="100%", offload="neurons", ffn_sparsity=0.5)
+    with thresholded(model, thresholds_of(offloaded)):
+        want = greedy(model, ids)
+    assert greedy(offloaded, ids) == want
+    stats = offloaded.offload.stats()
+    assert stats["pinned_neuron_units"] == 4 and stats["neuron_bytes_read"] == 0
+    assert stats["streamed_units"] == 0
+    offloaded.offload.store.close()

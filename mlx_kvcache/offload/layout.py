@@ -27,7 +27,6 @@ import os
 import shutil
 import struct
 import zlib
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -358,14 +357,11 @@ def read_rows(fd: int, unit: Unit, rows: List[int]) -> np.ndarray:
     return out
 
 
-def read_neurons(fd: int, unit: Unit, ids: np.ndarray, max_gap: int = 0,
-                 readers: Optional[Executor] = None, parts: int = 1) -> Tuple[np.ndarray, int]:
+def read_neurons(fd: int, unit: Unit, ids: np.ndarray,
+                 max_gap: int = 0) -> Tuple[np.ndarray, int]:
     """(rows `ids` (sorted neuron indices) of a neurons unit's `mlp.updown`
     [len(ids), 2, hidden], bytes read): one pread per run of neurons, runs
-    joined across gaps of up to `max_gap` unused neurons, which are read too.
-    `readers` (a thread pool) shares the runs out in `parts`: a pread
-    releases the GIL, and several in flight keep the disk busier than one
-    after another."""
+    joined across gaps of up to `max_gap` unused neurons, which are read too."""
     (table,) = unit.tensors
     dtype = np.dtype(NUMPY[table.dtype])
     row_bytes = int(np.prod(table.shape[1:])) * dtype.itemsize
@@ -378,20 +374,12 @@ def read_neurons(fd: int, unit: Unit, ids: np.ndarray, max_gap: int = 0,
     span_start = np.r_[0, np.cumsum(span_rows)[:-1]]
     buffer = np.empty((int(span_rows.sum()), *table.shape[1:]), dtype)
     view = memoryview(buffer.reshape(-1).view(np.uint8))
-    runs = list(zip(firsts.tolist(), span_rows.tolist(), span_start.tolist()))
-
-    def read(runs) -> None:
-        for first, rows, at in runs:
-            want = rows * row_bytes
-            got = os.preadv(fd, [view[at * row_bytes : at * row_bytes + want]],
-                            table.start + first * row_bytes)
-            if got != want:
-                raise UserError(f"offload layout truncated in {unit.name}")
-
-    if readers is None or len(runs) < 2 * parts:
-        read(runs)
-    else:
-        list(readers.map(read, [runs[i::parts] for i in range(parts)]))
+    for first, rows, at in zip(firsts.tolist(), span_rows.tolist(), span_start.tolist()):
+        want = rows * row_bytes
+        got = os.preadv(fd, [view[at * row_bytes : at * row_bytes + want]],
+                        table.start + first * row_bytes)
+        if got != want:
+            raise UserError(f"offload layout truncated in {unit.name}")
     if len(buffer) == len(ids):
         return buffer, buffer.nbytes
     span_of = np.searchsorted(firsts, ids, side="right") - 1

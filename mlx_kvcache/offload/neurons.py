@@ -53,6 +53,7 @@ class NeuronCache:
         self.row_shape = table.shape[1:]
         self.row_bytes = int(np.prod(self.row_shape)) * 4
         self.recent = deque()
+        self.resident = None  # pinned: (up, down), contiguous, nothing to read
         self.forget()
 
     @property
@@ -109,6 +110,11 @@ class NeuronFFN(nn.Module):
         if self._record is not None:
             self._record.append(np.array(mx.abs(gate).reshape(-1)))
         active = mx.abs(gate) > self._threshold
+        if self._cache.resident is not None:
+            # Pinned: the dense product with the skipped neurons zeroed costs
+            # less than gathering the used ones every call.
+            up, down = self._cache.resident
+            return mx.where(active, gate * (x @ up.T), 0.0) @ down
         needed = np.flatnonzero(np.array(active.reshape(-1, active.shape[-1])).any(axis=0))
         if len(needed) == 0:
             return mx.zeros_like(x)
@@ -120,22 +126,38 @@ class NeuronFFN(nn.Module):
         return hidden @ down
 
 
-def attach(model: nn.Module, store, sparsity: float, window: int,
-           cache_bytes: int) -> List[NeuronCache]:
-    """Give each offloaded layer of `model` a NeuronFFN, its window within
-    `cache_bytes` over all layers; thresholds for `sparsity` calibrated (once,
-    then read from beside the layout). Returns the layers' neuron caches."""
+def attach(model: nn.Module, store, sparsity: float, window: int, room: int,
+           window_bytes: int, in_use: int) -> List[NeuronCache]:
+    """Give each offloaded layer of `model` a NeuronFFN. Of `room` (what the
+    budget leaves after the planned units), whole neuron units are pinned in
+    order of use while `window_bytes` stay for the window and, unless every
+    unit is pinned, `in_use` for the neurons of the layer computing; the window
+    gets the rest. Thresholds for `sparsity` calibrated (once, then read from
+    beside the layout). Returns the layers' neuron caches."""
     if not 0 <= sparsity < 1:
         raise UserError(f"--ffn-sparsity {sparsity}: a share in [0, 1)")
     if window < 0:
         raise UserError(f"--neuron-window {window}: a number of tokens, 0 or more")
-    pool = WindowPool(cache_bytes)
+    pool = WindowPool(0)
     ffns = []
-    for i, layer in enumerate(model.model.layers):
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
         cache = NeuronCache(store, f"neurons.{i}", window, pool)
+        unit = store.layout.units[cache.unit]
+        streamed_after = in_use if i < len(layers) - 1 else 0
+        if (i == 0 or ffns[-1]._cache.resident is not None) and \
+                unit.nbytes + streamed_after <= room - window_bytes:
+            # Pinned: the attention and gate units were pinned first (a byte
+            # of them saves a byte read; a neuron byte, 1 - sparsity of one).
+            (bundle,) = store.read_numpy(cache.unit).values()
+            cache.resident = tuple(mx.array(np.ascontiguousarray(bundle[:, k])) for k in (0, 1))
+            mx.eval(cache.resident)
+            room -= unit.nbytes
         ffn = NeuronFFN(layer.block.mlp.gate_proj, cache, -1.0)
         layer.block.mlp = ffn
         ffns.append(ffn)
+    pinned_all = all(ffn._cache.resident is not None for ffn in ffns)
+    pool.free = room - (0 if pinned_all else in_use)
     for ffn, threshold in zip(ffns, _thresholds(model, ffns, store.layout, sparsity)):
         ffn._threshold = threshold
     return [ffn._cache for ffn in ffns]

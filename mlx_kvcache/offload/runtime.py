@@ -39,10 +39,6 @@ EMPTY = mx.zeros((0,))
 # used ones, up to this many. Measured on SmolLM2 at a 75% budget: gaps of 1
 # to 8 read 20-45% more bytes and were no faster, so none.
 NEURON_GAP = 0
-# Neurons mode: preads in flight at once. Reading 70% of SmolLM2's neurons
-# from storage took 0.49 s one run after another, 0.34 s four at a time (all
-# of them, sequentially: 0.31 s).
-NEURON_READERS = 4
 
 
 @dataclass
@@ -108,8 +104,6 @@ class WeightStore:
         self.resident: Dict[str, Dict[str, mx.array]] = {}
         self.pending: Dict[str, Future] = {}
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="offload-reader")
-        self.neuron_readers = ThreadPoolExecutor(NEURON_READERS,
-                                                 thread_name_prefix="offload-neurons")
         self.lock = threading.Lock()
         self.verified = set()
         # Each unit -> the next streamed unit after it in the cycle: its read
@@ -124,7 +118,7 @@ class WeightStore:
         for name in self.plan.pinned:
             self.resident[name] = self._read(name)
 
-    def _read_numpy(self, name: str):
+    def read_numpy(self, name: str):
         start = time.perf_counter()
         # Checked on its first read; a unit that failed has ended the run.
         arrays = layout_file.read_unit(self.fd, self.layout.units[name],
@@ -137,7 +131,7 @@ class WeightStore:
         return arrays
 
     def _read(self, name: str) -> Dict[str, mx.array]:
-        return self._to_mlx(name, self._read_numpy(name))
+        return self._to_mlx(name, self.read_numpy(name))
 
     def _to_mlx(self, name, arrays):
         dtypes = {t.name: t.dtype for t in self.layout.units[name].tensors}
@@ -157,7 +151,7 @@ class WeightStore:
             # The reserve holds two streamed units: this one and the next.
             following = self.next_streamed.get(name)
             if following is not None and following != name and following not in self.pending:
-                self.pending[following] = self.reader.submit(self._read_numpy, following)
+                self.pending[following] = self.reader.submit(self.read_numpy, following)
         return weights
 
     def rows(self, tokens: List[int]) -> mx.array:
@@ -174,8 +168,7 @@ class WeightStore:
         """Neurons `ids` of a neurons unit (neurons mode), read now."""
         start = time.perf_counter()
         rows, nbytes = layout_file.read_neurons(self.fd, self.layout.units[unit], ids,
-                                                NEURON_GAP, self.neuron_readers,
-                                                NEURON_READERS)
+                                                NEURON_GAP)
         if hasattr(os, "posix_fadvise"):  # as read_unit: the next read comes from storage
             os.posix_fadvise(self.fd, self.layout.units[unit].start,
                              self.layout.units[unit].nbytes, os.POSIX_FADV_DONTNEED)
@@ -187,7 +180,6 @@ class WeightStore:
 
     def close(self) -> None:
         self.reader.shutdown(wait=True)
-        self.neuron_readers.shutdown(wait=True)
         os.close(self.fd)
 
 
@@ -262,6 +254,8 @@ class OffloadInfo:
         if self.mode == "neurons":
             neurons = {"neuron_bytes_read": c.neuron_bytes_read,
                        "neuron_reads": c.neuron_reads,
+                       "pinned_neuron_units": sum(n.resident is not None
+                                                  for n in self.neuron_caches),
                        "neuron_window_bytes": sum(n.nbytes for n in self.neuron_caches)}
         return {**neurons, "mode": self.mode, "budget_bytes": self.store.budget,
                 "weight_bytes": self.store.layout.weight_bytes,
@@ -305,8 +299,8 @@ def attach(model: nn.Module, layout: layout_file.Layout, budget: int, mode: str 
     mx.set_cache_limit(max((u.nbytes for u in layout.units.values()), default=0))
     model.offload = OffloadInfo(store, mode)
     if mode == "neurons":
-        window_bytes = budget - in_use - store.plan.resident_bytes
+        room = budget - store.plan.resident_bytes
         model.offload.neuron_caches = neurons.attach(model, store, ffn_sparsity, neuron_window,
-                                                     window_bytes)
+                                                     room, window_bytes, in_use)
         store.counters = Counters()  # calibration's reads are not the run's
     return model
