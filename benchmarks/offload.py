@@ -267,7 +267,7 @@ def main():
     if args.neurons_only:
         kept = json.loads((RESULTS / f"{name}.json").read_text())
         earlier = {e["model"]: e for e in kept["models"]}
-        report["exact_mode_from"] = kept["provenance"]
+        report["exact_mode_from"] = kept.get("exact_mode_from", kept["provenance"])
     for model_name in models:
         layout = prepare(model_name)
         if model_name in earlier:
