@@ -7,6 +7,8 @@ memory you give it (`--weights-budget`, `load(..., weights_budget=...)`).
   holding the model whole.
 - runtime.py: exact mode (`--offload layers`): pinned units plus streamed
   ones, a background reader prefetching the next.
+- neurons.py: sparse mode (`--offload neurons`): only the FFN neurons a token
+  activates are read (sparsity.py: the thresholds' model and calibration).
 
     python -m mlx_kvcache.offload prepare --model qwen2.5-coder-0.5b
 """

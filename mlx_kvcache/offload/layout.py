@@ -85,7 +85,8 @@ def model_units(model, mode: str = "layers") -> List[Tuple[str, Dict[str, mx.arr
         prefix = f"model.layers.{i}."
         layer = {k[len(prefix):]: params.pop(k) for k in list(params) if k.startswith(prefix)}
         if mode == "neurons":
-            units += [(f"layer.{i}", layer), (f"neurons.{i}", split_ffn(layer))]
+            neurons = split_ffn(layer)  # takes up and down out of `layer`
+            units += [(f"layer.{i}", layer), (f"neurons.{i}", neurons)]
         else:
             units.append((f"layer.{i}", bundle_ffn(layer)))
     if "lm_head.weight" in params:
