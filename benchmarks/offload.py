@@ -42,6 +42,7 @@ from mlx_kvcache.offload import layout as layout_file
 from mlx_kvcache.offload import runtime
 from mlx_kvcache.evaluate import read_text
 from mlx_kvcache.loading import resolve
+from mlx_kvcache.offload.neurons import thresholds_path
 from mlx_kvcache.offload.sparsity import thresholded
 
 PROMPT = "Write a Python function that returns the square of x."
@@ -154,8 +155,7 @@ def thresholded_ppl(model_name: str) -> dict:
     """Perplexity of the resident model on held-out text, dense and with the
     FFN thresholds neurons mode calibrated (what it computes, tested equal)."""
     model, tokenizer = load(model_name)
-    source = layout_path(resolve(model_name), "neurons")
-    path = Path(str(source)[: -len(".safetensors")] + ".thresholds.json")
+    path = thresholds_path(layout_path(resolve(model_name), "neurons"))
     thresholds = json.loads(path.read_text())[f"{FFN_SPARSITY:g}"]
     tokens = tokenizer.encode(read_text(HELD_OUT))[2000 : 2000 + PPL_TOKENS]
     inputs, targets = mx.array(tokens[:-1])[None], mx.array(tokens[1:])

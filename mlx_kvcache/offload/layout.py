@@ -358,30 +358,23 @@ def read_rows(fd: int, unit: Unit, rows: List[int]) -> np.ndarray:
     return out
 
 
-def read_neurons(fd: int, unit: Unit, ids: np.ndarray,
-                 max_gap: int = 0) -> Tuple[np.ndarray, int]:
-    """(rows `ids` (sorted neuron indices) of a neurons unit's `mlp.updown`
-    [len(ids), 2, hidden], bytes read): one pread per run of neurons, runs
-    joined across gaps of up to `max_gap` unused neurons, which are read too."""
+def read_neurons(fd: int, unit: Unit, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` (sorted neuron indices) of a neurons unit's `mlp.updown`:
+    [len(ids), 2, hidden], one pread per run of consecutive neurons. (Joining
+    runs across gaps of 1-8 unused neurons read 20-45% more bytes and was no
+    faster on SmolLM2 at a 75% budget.)"""
     (table,) = unit.tensors
     dtype = np.dtype(NUMPY[table.dtype])
     row_bytes = int(np.prod(table.shape[1:])) * dtype.itemsize
+    out = np.empty((len(ids), *table.shape[1:]), dtype)
     if len(ids) == 0:
-        return np.empty((0, *table.shape[1:]), dtype), 0
-    breaks = np.flatnonzero(np.diff(ids) > max_gap + 1) + 1
-    firsts, lasts = ids[np.r_[0, breaks]], ids[np.r_[breaks, len(ids)] - 1] + 1
-    # The runs read one after another into one buffer; where each id landed.
-    span_rows = lasts - firsts
-    span_start = np.r_[0, np.cumsum(span_rows)[:-1]]
-    buffer = np.empty((int(span_rows.sum()), *table.shape[1:]), dtype)
-    view = memoryview(buffer.reshape(-1).view(np.uint8))
-    for first, rows, at in zip(firsts.tolist(), span_rows.tolist(), span_start.tolist()):
-        want = rows * row_bytes
-        got = os.preadv(fd, [view[at * row_bytes : at * row_bytes + want]],
-                        table.start + first * row_bytes)
+        return out
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    for first, last in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(ids)].tolist()):
+        want = (last - first) * row_bytes
+        got = os.preadv(fd, [view[first * row_bytes : last * row_bytes]],
+                        table.start + int(ids[first]) * row_bytes)
         if got != want:
             raise UserError(f"offload layout truncated in {unit.name}")
-    if len(buffer) == len(ids):
-        return buffer, buffer.nbytes
-    span_of = np.searchsorted(firsts, ids, side="right") - 1
-    return buffer[span_start[span_of] + ids - firsts[span_of]], buffer.nbytes
+    return out

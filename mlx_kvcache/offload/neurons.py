@@ -163,9 +163,14 @@ def attach(model: nn.Module, store, sparsity: float, window: int, room: int,
     return [ffn._cache for ffn in ffns]
 
 
+def thresholds_path(layout_path: Path) -> Path:
+    """Where the thresholds calibrated for a neurons layout are kept."""
+    return Path(str(layout_path)[: -len(".safetensors")] + ".thresholds.json")
+
+
 def _thresholds(model, ffns: List[NeuronFFN], layout: layout_file.Layout,
                 sparsity: float) -> List[float]:
-    path = Path(str(layout.path)[: -len(".safetensors")] + ".thresholds.json")
+    path = thresholds_path(layout.path)
     known = json.loads(path.read_text()) if path.exists() else {}
     key = f"{sparsity:g}"
     if key not in known:

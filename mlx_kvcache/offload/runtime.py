@@ -35,10 +35,6 @@ from mlx_kvcache.offload import layout as layout_file
 from mlx_kvcache.offload import neurons
 
 EMPTY = mx.zeros((0,))
-# Neurons mode: unused neurons read rather than skipped between two runs of
-# used ones, up to this many. Measured on SmolLM2 at a 75% budget: gaps of 1
-# to 8 read 20-45% more bytes and were no faster, so none.
-NEURON_GAP = 0
 
 
 @dataclass
@@ -167,13 +163,12 @@ class WeightStore:
     def read_neurons(self, unit: str, ids: np.ndarray) -> np.ndarray:
         """Neurons `ids` of a neurons unit (neurons mode), read now."""
         start = time.perf_counter()
-        rows, nbytes = layout_file.read_neurons(self.fd, self.layout.units[unit], ids,
-                                                NEURON_GAP)
+        rows = layout_file.read_neurons(self.fd, self.layout.units[unit], ids)
         if hasattr(os, "posix_fadvise"):  # as read_unit: the next read comes from storage
             os.posix_fadvise(self.fd, self.layout.units[unit].start,
                              self.layout.units[unit].nbytes, os.POSIX_FADV_DONTNEED)
         with self.lock:
-            self.counters.neuron_bytes_read += nbytes
+            self.counters.neuron_bytes_read += rows.nbytes
             self.counters.neuron_reads += 1
             self.counters.read_seconds += time.perf_counter() - start
         return rows
