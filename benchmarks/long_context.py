@@ -3,9 +3,9 @@ perplexity of the last 256 tokens of each window, scored one token at a time,
 at budgets L/16 and L/8, with decode ms/token and memory per context length
 beside the full cache and mlx-lm's KVCache.
 
-Prefill is what costs here: exact attention over L tokens takes 14 heads x 24
-layers x L^2/2 exponentials, and this CPU computes ~40 M/s of them, so one
-32K-token prefill is over an hour (docs/benchmarks.md). The work is shared:
+Prefill and decoding are what cost here: exact attention over L tokens takes
+14 heads x 24 layers x L^2/2 exponentials, and each scored token reads the 2 GB
+of float32 weights. The work is shared:
 
 - windows nest: each window has the longest length; a shorter length's window
   is its first L tokens, so one prefill track passes every length's checkpoint
@@ -14,15 +14,25 @@ layers x L^2/2 exponentials, and this CPU computes ~40 M/s of them, so one
   `full` holds: at each checkpoint they continue from the full track's cache
   (evaluate.continue_from_full, tested bit-exact) and read only its last
   FORK_TAIL tokens themselves; mlx-lm's KVCache starts from the same keys;
-- every other policy runs its own track, copied at each checkpoint.
+- H2O's prefill is the same at every budget (it cuts at decode steps only):
+  one track serves L/16 and L/8 (policies.with_budget, tested exact);
+- every other policy runs its own track, copied at each checkpoint;
+- the scored tokens: each policy is fed its first ALONE by itself, timed (its
+  decode ms/token), then every policy's cache steps through the rest as one
+  row of a batch (evaluate.window_nll_together): one read of the weights a
+  step for all of them. Batched matmuls sum in another order, so perplexities
+  move by ~1e-5 relative (tests/test_stacked.py), except the plain 4-bit
+  quantized cache's, which is chaotic under any such change.
 
     python benchmarks/long_context.py --quick    # one 8K window, L/8, 128 scored (~13 min)
     python benchmarks/long_context.py            # every policy at 8K, both texts (under 2 h)
     python benchmarks/long_context.py --lengths 8192,16384,32768 --windows 2   # hours: see docs
 
-What an 8K window of every policy costs here (measured): the shared prefill
-90 s, each own-prefill policy 100 s (StreamingLLM) to 230 s (H2O: it scores
-every chunk), 256 scored tokens at 0.3-0.45 s each per setting: about 45 min.
+What an 8K window of every policy cost here (measured) before the batch and the
+shared H2O track: the shared prefill 90 s, each own-prefill policy 85 s (KIVI)
+to 245 s (H2O: it scores every chunk), 256 scored tokens at 0.3-0.5 s each per
+setting: 41 min. Batched, the same scores came out equal to 3 decimals
+(results/long_context_batched_check.json against long_context_8k.json).
 Prefill grows with the square of the context, so a 32K window of every policy
 is many hours on 2 cores (docs/benchmarks.md).
 
@@ -42,9 +52,9 @@ from mlx_lm.models.cache import KVCache
 
 from mlx_kvcache import load, make_cache
 from mlx_kvcache.cache_file import load_cache, save_cache
-from mlx_kvcache.policies import fork
+from mlx_kvcache.policies import fork, reads_prompts_at_any_budget, with_budget
 from mlx_kvcache.evaluate import (FORK_TAIL, PREFILL_STEP, PolicySpec, continue_from_full,
-                                  continues_full_prefill, read_text, window_nll)
+                                  continues_full_prefill, read_text, window_nll_together)
 from tests.helpers import mlx_lm_twin
 
 MODEL = "qwen2.5-coder-0.5b"
@@ -56,6 +66,9 @@ SCORED = 256
 QUICK_SCORED = 128
 # Where the windows start in each text: past the table of contents, then spread.
 START = 2000
+# Scored tokens each policy steps through alone (timed) before the rest are fed
+# to every policy in one batch.
+ALONE = 32
 # The policies that keep every token (so no ratio): run once, beside the budgeted.
 UNBUDGETED = {"quantized": {"kv_bits": 4}, "kivi": {"kv_bits": 4}}
 
@@ -77,16 +90,25 @@ def specs_at(ratio: float, quick: bool):
     def at(name, **kw):
         return PolicySpec(name, {"budget_ratio": ratio, **kw})
 
-    # --quick: only the policies that continue the shared prefill (a policy with
-    # its own prefill adds ~6 min at 8K here: streaming took 345 s).
-    specs = [at("snapkv"), at("refreshkv")]
+    # --quick: the policies that continue the shared prefill, and StreamingLLM
+    # (its own prefill: ~100 s at 8K here).
+    specs = [at("streaming"), at("snapkv"), at("refreshkv")]
     if not quick:
-        specs.insert(0, at("streaming"))
         # The trade-off curve's lossless point (fidelity.py): every step
         # scores all keys and attends to the best L*ratio of them.
         specs += [at("refreshkv", refresh="stride", refresh_every=1, refresh_mode="score"),
                   at("h2o"), at("mixed", kv_bits=4)]
     return specs
+
+
+def track_of(spec) -> str:
+    """The own prefill track a policy continues: its own, or for a policy whose
+    prefill is the same at every budget (H2O), one shared by its budgets."""
+    if reads_prompts_at_any_budget(spec.name):
+        budgets = {"budget", "budget_ratio", "min_budget"}
+        return PolicySpec(spec.name, {k: v for k, v in spec.args.items()
+                                      if k not in budgets}).label() + " at any budget"
+    return spec.label()
 
 
 class MlxLmKVCache:
@@ -144,20 +166,30 @@ def advance(model, cache, tokens, upto: int):
     return chunk_times
 
 
-def score(model, spec, window, scored, cache, log):
-    mx.reset_peak_memory()
-    nll, _, decode_ms = window_nll(model, spec, window, scored, cache=cache)
+def entry_of(nll, decode_ms, cache):
     entry = {"nll": nll, "ppl": math.exp(nll), "decode_ms_per_token": decode_ms,
-             "kv_bytes": sum(c.nbytes for c in cache), "peak_memory_bytes": mx.get_peak_memory()}
+             "kv_bytes": sum(c.nbytes for c in cache)}
     stats = [c.stats() for c in cache if hasattr(c, "stats")]
     if stats and "full_steps" in stats[0]:
         # What a refresh schedule costs, whatever else shares the machine:
         # the share of layer-steps that read every key.
         full = sum(s["full_steps"] for s in stats)
         entry["full_step_share"] = full / max(1, full + sum(s["partial_steps"] for s in stats))
-    log(f"  {spec.label()}: ppl {entry['ppl']:.3f}, {decode_ms:.0f} ms/token, "
-        f"kv {entry['kv_bytes'] / 2**20:.0f} MiB")
     return entry
+
+
+def score_together(model, labelled, window, scored, alone, log):
+    """{label: result} for each (label, cache) of `labelled`, every cache holding
+    the window's prompt: each is timed alone on its first `alone` scored tokens,
+    then all step through the rest in one batch (evaluate.window_nll_together)."""
+    caches = [cache for _, cache in labelled]
+    scores = window_nll_together(model, caches, window, scored, alone)
+    results = {}
+    for (label, cache), (nll, decode_ms) in zip(labelled, scores):
+        results[label] = entry_of(nll, decode_ms, cache)
+        log(f"  {label}: ppl {results[label]['ppl']:.3f}, {decode_ms:.0f} ms/token, "
+            f"kv {results[label]['kv_bytes'] / 2**20:.0f} MiB")
+    return results
 
 
 def main():
@@ -185,6 +217,9 @@ def main():
     parser.add_argument("--only-first", type=int, default=None, metavar="N",
                         help="score only the first N of each window's scored tokens (the "
                         "prompt, and so a kept prefill, stay the same): a timing run")
+    parser.add_argument("--alone", type=int, default=ALONE, metavar="N",
+                        help=f"scored tokens each policy is fed by itself, timed for its "
+                        f"decode ms/token, before all step together (default {ALONE})")
     parser.add_argument("--defaults-only", action="store_true",
                         help="each policy with its default settings only (no RefreshKV "
                         "score-every-step point), and no mlx-lm KVCache beside full: the "
@@ -218,7 +253,7 @@ def main():
     shared = [s for s in specs if continues_full_prefill(s)]
     own = [s for s in specs if not continues_full_prefill(s)]
     report = {"benchmark": "long_context", "model": model.source, "quick": quick,
-              "lengths": lengths, "ratios": ratios, "scored": measured,
+              "lengths": lengths, "ratios": ratios, "scored": measured, "alone": args.alone,
               "policies": [s.label() for s in specs + references],
               "prefill": [], "checkpoints": []}
     started = time.perf_counter()
@@ -229,7 +264,8 @@ def main():
                 continue
             window = tokens[first : first + lengths[-1]]
             tracks = {"full": make_cache(model, "full")}
-            tracks.update({s.label(): s.cache(model, lengths[-1]) for s in own})
+            for spec in own:
+                tracks.setdefault(track_of(spec), spec.cache(model, lengths[-1]))
             for length in lengths:
                 prompt_len = length - scored
                 # The shared track stops FORK_TAIL short of each prompt's end,
@@ -259,27 +295,25 @@ def main():
                         kept.parent.mkdir(parents=True, exist_ok=True)
                         save_cache(kept, tracks["full"], model)
                 prompt, scored_window = window[:prompt_len], window[:prompt_len + measured]
-                results = []
-                for spec in shared:
-                    cache = continue_from_full(model, spec, tracks["full"], prompt)
-                    results.append({"label": spec.label(), "policy": spec.name,
-                                    "args": spec.args,
-                                    **score(model, spec, scored_window, measured, cache, log)})
+                labelled = [(spec.label(), continue_from_full(model, spec, tracks["full"], prompt))
+                            for spec in shared]
+                for spec in own:
+                    track = tracks[track_of(spec)]
+                    if track[0].offset < prompt_len - 1:
+                        t0 = time.perf_counter()
+                        advance(model, track, window, prompt_len - 1)
+                        log(f"  {track_of(spec)}: own prefill to {prompt_len - 1} "
+                            f"({time.perf_counter() - t0:.0f} s)")
+                    labelled.append((spec.label(), fork(track) if track_of(spec) == spec.label()
+                                     else with_budget(track, model, spec.name, **spec.args)))
+                scores = score_together(model, labelled, scored_window, measured, args.alone, log)
+                # mlx-lm's cache runs on mlx-lm's model, so it is scored by itself.
                 for reference in references:
                     cache = reference.start_from(tracks["full"], prompt)
-                    results.append({"label": reference.label(), "policy": reference.name,
-                                    "args": {}, **score(twin, reference, scored_window,
-                                                        measured, cache, log)})
-                for spec in own:
-                    track = tracks[spec.label()]
-                    t0 = time.perf_counter()
-                    advance(model, track, window, prompt_len - 1)
-                    log(f"  {spec.label()}: own prefill to {prompt_len - 1} "
-                        f"({time.perf_counter() - t0:.0f} s)")
-                    results.append({"label": spec.label(), "policy": spec.name,
-                                    "args": spec.args,
-                                    **score(model, spec, scored_window, measured,
-                                            fork(track), log)})
+                    scores.update(score_together(twin, [(reference.label(), cache)],
+                                                 scored_window, measured, args.alone, log))
+                results = [{"label": spec.label(), "policy": spec.name, "args": spec.args,
+                            **scores[spec.label()]} for spec in shared + references + own]
                 full_ppl = results[0]["ppl"]
                 for r in results:
                     r["ratio_to_full"] = r["ppl"] / full_ppl

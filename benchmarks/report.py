@@ -335,7 +335,10 @@ def long_context_table(result, timing=None) -> str:
     lines = [f"Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, dequantized to float32): perplexity of the "
              f"last {result['scored']} tokens of each window, scored one token at a time, as a "
              f"ratio to full (over {len(windows)} window(s) from {', '.join(texts)}; per-window "
-             f"range in brackets); decode ms/token measured on those tokens"
+             f"range in brackets); decode ms/token measured on "
+             + (f"the first {result['alone']} of those tokens, each policy alone (the rest "
+                f"scored with every policy's cache as one row of a batch)" if result.get("alone")
+                else "those tokens")
              + (f" (for {', '.join(sorted({l for c in timed.values() for l in c}))}: on the "
                 f"first {timing['scored']} of them, in a second run with nothing else on the "
                 f"machine, {where(timing)})" if timed else "") + "; KV: what the "

@@ -27,6 +27,7 @@ from mlx_kvcache.errors import UserError
 from mlx_kvcache.generate import prefill as feed
 from mlx_kvcache.policies import (POLICIES, make_cache, parameters, reads_prompts_in_full,
                                    take_over)
+from mlx_kvcache.stacked import stack
 
 PREFILL_STEP = 2048
 
@@ -128,6 +129,36 @@ def window_nll(model, spec: PolicySpec, window: List[int], score_last: int,
             block_sum = mx.array(0.0)
     decode_ms = (time.perf_counter() - start) / score_last * 1e3
     return total / score_last, per_block, decode_ms
+
+
+def window_nll_together(model, caches: List[list], window: List[int], score_last: int,
+                        alone: int) -> List[tuple]:
+    """[(mean negative log-likelihood of the window's last `score_last` tokens,
+    milliseconds per token)] for each of `caches`, each holding the window's
+    prompt (as `window_nll`'s cache). Each cache is fed its first `alone` scored
+    tokens by itself, timed; then all of them step through the rest as the rows
+    of one batch (`stacked`), which reads the weights once a step for all.
+    A single cache is fed every token alone."""
+    first = len(window) - score_last - 1
+    # One cache alone needs no batch (and may be another library's cache).
+    alone = score_last if len(caches) == 1 else min(alone, score_last)
+    sums, decode_ms = [], []
+    for cache in caches:
+        total = mx.array(0.0)
+        start = time.perf_counter()
+        for i in range(first, first + alone):
+            logits = model(mx.array([[window[i]]]), cache=cache)[0, -1].astype(mx.float32)
+            total = total + mx.logsumexp(logits) - logits[window[i + 1]]
+            mx.eval(total)
+        decode_ms.append((time.perf_counter() - start) / alone * 1e3 if alone else None)
+        sums.append(total)
+    together, totals = stack(caches), mx.stack(sums)
+    for i in range(first + alone, len(window) - 1):
+        tokens = mx.array([[window[i]]] * len(caches))
+        logits = model(tokens, cache=together)[:, -1].astype(mx.float32)
+        totals = totals + mx.logsumexp(logits, axis=-1) - logits[:, window[i + 1]]
+        mx.eval(totals)
+    return [(t / score_last, ms) for t, ms in zip(totals.tolist(), decode_ms)]
 
 
 def greedy(model, cache, prompt: List[int], max_tokens: int, stop=(),

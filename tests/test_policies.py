@@ -7,7 +7,7 @@ import pytest
 from mlx_kvcache import UserError, make_cache
 from mlx_kvcache.attention import group_max, pool_max
 from mlx_kvcache.generate import encode_prompt, generate, generate_step
-from mlx_kvcache.policies import fork
+from mlx_kvcache.policies import fork, reads_prompts_at_any_budget, with_budget
 from mlx_kvcache.policies.selection import protect, select, top_k
 from tests.helpers import TINY_CONFIGS, tiny_model
 
@@ -353,3 +353,27 @@ def test_a_forked_cache_goes_on_as_the_original_would_and_alone(policy, args):
     forked = [model(step, cache=copy) for _ in range(3)]
     assert cache[0].offset == 70 and copy[0].offset == 73  # the original untouched
     assert all(mx.array_equal(model(step, cache=cache), f) for f in forked)
+
+
+def test_an_h2o_prefill_serves_every_budget_exactly():
+    # benchmarks/long_context.py prefills H2O once for L/16 and L/8.
+    model = tiny_model("llama3")
+    prompt = [(7 * i + 3) % 256 for i in range(90)]
+    steps = [mx.array([[t]]) for t in (5, 9, 11, 2)]
+
+    def prefilled(**budget):
+        cache = make_cache(model, "h2o", **budget)
+        model(mx.array(prompt)[None], cache=cache)
+        return cache
+
+    track = prefilled(budget_ratio=1 / 16, min_budget=8)
+    for budget in ({"budget_ratio": 1 / 4, "min_budget": 8},
+                   {"budget_ratio": 1 / 16, "min_budget": 8}, {"budget": 30}):
+        direct, moved = prefilled(**budget), with_budget(track, model, "h2o", **budget)
+        for step in steps:
+            assert mx.array_equal(model(step, cache=direct), model(step, cache=moved))
+        assert moved[0].stats()["kept_tokens"] == direct[0].stats()["kept_tokens"] < 90
+    assert track[0].offset == 90 and track[0].stats()["kept_tokens"] == 90  # untouched
+    assert not reads_prompts_at_any_budget("streaming")
+    with pytest.raises(ValueError, match="depends on its budget"):
+        with_budget(track, model, "mixed", budget=30)

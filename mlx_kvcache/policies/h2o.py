@@ -29,6 +29,9 @@ class H2OCache:
     """
 
     name: ClassVar[str] = "h2o"
+    # The prompt is read whole and nothing is cut before the first
+    # single-token step, so a prefilled cache is the same at every budget.
+    reads_prompts_at_any_budget: ClassVar[bool] = True
     budget: Optional[int] = budget_field()
     budget_ratio: Optional[float] = budget_ratio_field()
     min_budget: Optional[int] = min_budget_field()

@@ -80,6 +80,24 @@ def take_over(cache: list, full_cache: list) -> None:
         layer.offset = full.offset
 
 
+def reads_prompts_at_any_budget(policy: str) -> bool:
+    """Whether the policy's cache after reading a prompt is the same whatever
+    its budget (H2O cuts only at single-token steps): one prefill then serves
+    every budget (`with_budget`)."""
+    return getattr(policy_class(policy), "reads_prompts_at_any_budget", False)
+
+
+def with_budget(cache: list, model, policy: str, **policy_args) -> list:
+    """`policy`'s cache made with `policy_args`, holding a copy of what `cache`,
+    the same policy prefilled under another budget, holds (valid where
+    `reads_prompts_at_any_budget`)."""
+    if not reads_prompts_at_any_budget(policy):
+        raise ValueError(f"{policy}'s prefilled cache depends on its budget")
+    rebudgeted = make_cache(model, policy, **policy_args)
+    take_over(rebudgeted, fork(cache))
+    return rebudgeted
+
+
 def fork(cache: list) -> list:
     """An independent copy of `cache` (any policy): go on from a prefilled
     cache more than once without reading the prompt again."""
