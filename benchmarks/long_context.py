@@ -187,7 +187,8 @@ def score_together(model, labelled, window, scored, alone, log):
     results = {}
     for (label, cache), (nll, decode_ms) in zip(labelled, scores):
         results[label] = entry_of(nll, decode_ms, cache)
-        log(f"  {label}: ppl {results[label]['ppl']:.3f}, {decode_ms:.0f} ms/token, "
+        timed = f"{decode_ms:.0f} ms/token" if decode_ms is not None else "not timed"
+        log(f"  {label}: ppl {results[label]['ppl']:.3f}, {timed}, "
             f"kv {results[label]['kv_bytes'] / 2**20:.0f} MiB")
     return results
 
