@@ -33,10 +33,6 @@ class StackedLayer:
                           rope=rope, scale=scale, mask=mask)
              for b, layer in enumerate(self.layers)], axis=0)
 
-    @property
-    def state(self):
-        return [layer.state for layer in self.layers]
-
 
 def stack(caches: Sequence[list]) -> List[StackedLayer]:
     """The per-layer stacks of `caches` (each a model's list of layer caches),
