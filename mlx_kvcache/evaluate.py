@@ -106,6 +106,14 @@ def continue_from_full(model, spec: PolicySpec, full_cache: list, prompt: List[i
     return cache
 
 
+def step_nll(model, cache, token: int, target: int, rows: int = 1) -> mx.array:
+    """Negative log-likelihood of `target` after `token` is fed to `cache`, one
+    per row when `rows` caches step together as a batch (`stacked`); not yet
+    evaluated, so that callers sum on the device."""
+    logits = model(mx.array([[token]] * rows), cache=cache)[:, -1].astype(mx.float32)
+    return mx.logsumexp(logits, axis=-1) - logits[:, target]
+
+
 def window_nll(model, spec: PolicySpec, window: List[int], score_last: int,
                block: Optional[int] = None, cache: Optional[list] = None):
     """(mean negative log-likelihood of the window's last `score_last` tokens,
@@ -120,8 +128,7 @@ def window_nll(model, spec: PolicySpec, window: List[int], score_last: int,
     total, per_block, block_sum = 0.0, [], mx.array(0.0)
     start = time.perf_counter()
     for n, i in enumerate(range(len(prompt) - 1, len(window) - 1), start=1):
-        logits = model(mx.array([[window[i]]]), cache=cache)[0, -1].astype(mx.float32)
-        block_sum = block_sum + mx.logsumexp(logits) - logits[window[i + 1]]
+        block_sum = block_sum + step_nll(model, cache, window[i], window[i + 1])[0]
         mx.eval(block_sum)
         if n % block == 0 or n == score_last:
             per_block.append(block_sum.item() / (n - block * len(per_block)))
@@ -147,16 +154,13 @@ def window_nll_together(model, caches: List[list], window: List[int], score_last
         total = mx.array(0.0)
         start = time.perf_counter()
         for i in range(first, first + alone):
-            logits = model(mx.array([[window[i]]]), cache=cache)[0, -1].astype(mx.float32)
-            total = total + mx.logsumexp(logits) - logits[window[i + 1]]
+            total = total + step_nll(model, cache, window[i], window[i + 1])[0]
             mx.eval(total)
         decode_ms.append((time.perf_counter() - start) / alone * 1e3 if alone else None)
         sums.append(total)
     together, totals = stack(caches), mx.stack(sums)
     for i in range(first + alone, len(window) - 1):
-        tokens = mx.array([[window[i]]] * len(caches))
-        logits = model(tokens, cache=together)[:, -1].astype(mx.float32)
-        totals = totals + mx.logsumexp(logits, axis=-1) - logits[:, window[i + 1]]
+        totals = totals + step_nll(model, together, window[i], window[i + 1], len(caches))
         mx.eval(totals)
     return [(t / score_last, ms) for t, ms in zip(totals.tolist(), decode_ms)]
 
@@ -167,12 +171,26 @@ def greedy(model, cache, prompt: List[int], max_tokens: int, stop=(),
     but its last token (as `prefill` and `continue_from_full` leave it)."""
     if not prefilled:
         prefill(model, cache, prompt)
-    token, out = prompt[-1], []
+    return greedy_together(model, [cache], prompt[-1], max_tokens, stop)[0]
+
+
+def greedy_together(model, caches: List[list], last: int, max_tokens: int,
+                    stop=()) -> List[List[int]]:
+    """Each cache's greedy tokens after the prompt token `last`, every cache
+    holding the rest of the same prompt: the caches step as the rows of one
+    batch (`stacked`), each row fed its own previous token, until every row
+    has met a token of `stop` or made `max_tokens`."""
+    cache = caches[0] if len(caches) == 1 else stack(caches)
+    tokens, out, done = [last] * len(caches), [[] for _ in caches], [False] * len(caches)
     for _ in range(max_tokens):
-        token = model(mx.array([[token]]), cache=cache)[0, -1].argmax().item()
-        if token in stop:
+        logits = model(mx.array([[t] for t in tokens]), cache=cache)[:, -1]
+        tokens = logits.argmax(axis=-1).tolist()
+        for row, token in enumerate(tokens):
+            done[row] = done[row] or token in stop
+            if not done[row]:
+                out[row].append(token)
+        if all(done):
             break
-        out.append(token)
     return out
 
 

@@ -3,8 +3,9 @@ each policy the perplexity it gets alone, on real weights and text."""
 
 import pytest
 
-from mlx_kvcache.evaluate import (PolicySpec, prefill, read_text, window_nll,
-                                  window_nll_together)
+from mlx_kvcache.evaluate import (PolicySpec, greedy, greedy_together, prefill, read_text,
+                                  window_nll, window_nll_together)
+from mlx_kvcache.policies import fork
 from mlx_kvcache.stacked import stack
 
 TEXT = "/usr/share/common-licenses/GPL-3"
@@ -42,6 +43,18 @@ def test_every_policy_scores_in_a_batch_as_it_does_alone(name, request):
     # The policies really differ here, so agreement is not a single number.
     assert len({round(nll, 3) for nll in alone}) >= 5
     assert caches[0][0].offset == len(window) - 1
+
+
+def test_every_policy_generates_in_a_batch_what_it_generates_alone(smollm2):
+    model, tokenizer = smollm2
+    prompt = tokenizer.encode(read_text(TEXT), add_special_tokens=False)[:200]
+    caches = [prefilled(model, spec, prompt) for spec in SPECS]
+    alone = [greedy(model, fork(cache), prompt, 12, prefilled=True) for cache in caches]
+    # A stop token met by the first row only ends that row.
+    stop = alone[0][4]
+    expected = [tokens[: tokens.index(stop)] if stop in tokens else tokens for tokens in alone]
+    assert len({tuple(tokens) for tokens in expected}) >= 3, expected
+    assert greedy_together(model, caches, prompt[-1], 12, stop=(stop,)) == expected
 
 
 def test_caches_at_different_offsets_do_not_stack(smollm2):
