@@ -21,7 +21,7 @@ PROMPT = "Write a Python function that returns the square of x."
 SETTINGS = [("full", {}), ("refreshkv", {"budget": 16})]
 
 
-def run(model, tokenizer, n_tokens: int = 16) -> dict:
+def run(model, tokenizer, n_tokens: int = 10) -> dict:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                         add_generation_prompt=True)
     report = {"last_logits": model(mx.array(ids)[None])[0, -1].tolist()}

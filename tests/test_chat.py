@@ -146,16 +146,16 @@ def test_a_forked_session_is_the_one_that_read_the_document_itself(smollm2, poli
 def test_a_restored_session_continues_bit_for_bit(tmp_path, smollm2, policy, args):
     model, tokenizer = smollm2
     path = tmp_path / "chat.safetensors"
-    uninterrupted = ChatSession(model, tokenizer, policy, "Be brief.", max_tokens=20, **args)
-    first = ChatSession(model, tokenizer, policy, "Be brief.", max_tokens=20, **args)
+    first = ChatSession(model, tokenizer, policy, "Be brief.", max_tokens=12, **args)
     for question in QUESTIONS[:2]:
-        assert reply(uninterrupted, question) == reply(first, question)
+        reply(first, question)
     first.save(path)
     restored = ChatSession.load(path, model, tokenizer, policy)
     assert restored.messages == first.messages and restored.policy_args == args
-    expected = [r.token for r in uninterrupted.send(QUESTIONS[2])]
+    # The saved session going on uninterrupted is the reference.
+    expected = [r.token for r in first.send(QUESTIONS[2])]
     assert [r.token for r in restored.send(QUESTIONS[2])] == expected
-    assert [c.nbytes for c in restored.cache] == [c.nbytes for c in uninterrupted.cache]
+    assert [c.nbytes for c in restored.cache] == [c.nbytes for c in first.cache]
 
 
 def test_a_document_read_is_cancelled_whole_and_a_reply_stops_cleanly(smollm2):
@@ -190,7 +190,7 @@ def test_the_context_limit_refuses_a_turn_unless_the_policy_runs_past_it(smollm2
     limit = model.context_length
     try:
         model.context_length = 120
-        session = ChatSession(model, tokenizer, "full", max_tokens=30)
+        session = ChatSession(model, tokenizer, "full", max_tokens=20)
         with pytest.raises(UserError, match="/reset"):
             session.add_document(GPL)
         assert session.context_used() == 0 and session.messages == []
@@ -202,7 +202,7 @@ def test_the_context_limit_refuses_a_turn_unless_the_policy_runs_past_it(smollm2
                 assert "streaming --positions cache" in str(e)
                 break
         assert session.context_used() <= 120
-        endless = ChatSession(model, tokenizer, "streaming", max_tokens=30, budget=64,
+        endless = ChatSession(model, tokenizer, "streaming", max_tokens=20, budget=64,
                               positions="cache")
         for _ in range(5):
             reply(endless, QUESTIONS[1])
@@ -226,11 +226,11 @@ def chat_cli(*args, stdin="", timeout=300):
 
 def test_piped_turns_and_a_session_that_survives_the_process(tmp_path):
     session = tmp_path / "chat.session"  # any name, not only *.safetensors
-    common = ["--policy", "h2o", "--budget", "48", "--max-tokens", "30"]
+    common = ["--policy", "h2o", "--budget", "48", "--max-tokens", "16"]
     whole = chat_cli(*common, stdin="\n".join(QUESTIONS) + "\n")
     assert whole.returncode == 0, whole.stderr
     first = chat_cli(*common, "--session", str(session), stdin="\n".join(QUESTIONS[:2]) + "\n")
-    second = chat_cli("--max-tokens", "30", "--session", str(session), stdin=QUESTIONS[2])
+    second = chat_cli("--max-tokens", "16", "--session", str(session), stdin=QUESTIONS[2])
     assert second.returncode == 0, second.stderr
     assert first.stdout + second.stdout == whole.stdout
     assert "tokens of context" in whole.stderr and "MiB KV (h2o)" in whole.stderr

@@ -179,14 +179,14 @@ def test_every_policy_generates_from_the_cli(tmp_path, manual_prompt, cli_in_pro
         assert all(layer["full_steps"] == 4 and layer["partial_steps"] == 3 for layer in layers)
 
 
-def test_the_headline_command_on_a_short_prompt_writes_what_full_writes():
+def test_the_headline_command_on_a_short_prompt_writes_what_full_writes(cli_in_process):
     # The design card's command with its defaults: a 38-token prompt sits
     # under the floor, so RefreshKV attends to everything, as full does.
-    prompt = ["--prompt", "Write a short poem about the sea.", "--max-tokens", "60"]
-    full = run_cli("--policy", "full", *prompt)
-    refreshkv = run_cli("--policy", "refreshkv", *prompt)
+    prompt = ["--prompt", "Write a short poem about the sea.", "--max-tokens", "40"]
+    full = cli_in_process("--policy", "full", *prompt)
+    refreshkv = cli_in_process("--policy", "refreshkv", *prompt)
     assert full.returncode == 0 and refreshkv.returncode == 0, refreshkv.stderr
-    assert refreshkv.stdout == full.stdout and len(full.stdout.split()) > 20
+    assert refreshkv.stdout == full.stdout and len(full.stdout.split()) > 15
 
 
 @pytest.mark.parametrize("args, fragment", [

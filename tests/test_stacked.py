@@ -27,21 +27,28 @@ def prefilled(model, spec, prompt):
     return cache
 
 
-@pytest.mark.parametrize("name", ["smollm2", "gemma"])
-def test_every_policy_scores_in_a_batch_as_it_does_alone(name, request):
+# Gemma's steps are costly here (a 262K-token vocabulary): its hybrid layers
+# are checked under a policy of each kind (evicting, selecting, quantized).
+GEMMA_SPECS = [s for s in SPECS if s.name in ("full", "streaming", "refreshkv", "kivi")]
+
+
+@pytest.mark.parametrize("name, specs", [("smollm2", SPECS), ("gemma", GEMMA_SPECS)],
+                         ids=["smollm2", "gemma"])
+def test_every_policy_scores_in_a_batch_as_it_does_alone(name, specs, request):
     model, tokenizer = request.getfixturevalue(name)
-    window = tokenizer.encode(read_text(TEXT), add_special_tokens=False)[:240]
-    scored = 24
-    alone = [window_nll(model, spec, window, scored)[0] for spec in SPECS]
-    caches = [prefilled(model, spec, window[:-scored]) for spec in SPECS]
+    window = tokenizer.encode(read_text(TEXT), add_special_tokens=False)[:200]
+    scored = 20
+    caches = [prefilled(model, spec, window[:-scored]) for spec in specs]
+    alone = [window_nll(model, spec, window, scored, cache=fork(cache))[0]
+             for spec, cache in zip(specs, caches)]
     together = window_nll_together(model, caches, window, scored, alone=3)
-    for spec, nll, (batched, ms) in zip(SPECS, alone, together):
+    for spec, nll, (batched, ms) in zip(specs, alone, together):
         # Batched matmuls sum in another order: logits ~4e-5 apart in float32.
         rel = REL_QUANTIZED if spec.name == "quantized" else REL
         assert batched == pytest.approx(nll, rel=rel), spec.label()
         assert ms > 0
     # The policies really differ here, so agreement is not a single number.
-    assert len({round(nll, 3) for nll in alone}) >= 5
+    assert len({round(nll, 3) for nll in alone}) >= len(specs) - 3
     assert caches[0][0].offset == len(window) - 1
 
 
