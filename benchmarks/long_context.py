@@ -24,7 +24,7 @@ of float32 weights. The work is shared:
   move by ~1e-5 relative (tests/test_stacked.py), except the plain 4-bit
   quantized cache's, which is chaotic under any such change.
 
-    python benchmarks/long_context.py --quick    # one 8K window, L/8, 128 scored (~13 min)
+    python benchmarks/long_context.py --quick    # one 8K window, L/8, 128 scored (~6 min)
     python benchmarks/long_context.py            # every policy at 8K, both texts (under 2 h)
     python benchmarks/long_context.py --lengths 8192,16384,32768 --windows 2   # hours: see docs
 
