@@ -111,6 +111,14 @@ def track_of(spec) -> str:
     return spec.label()
 
 
+def from_track(model, spec, track: list) -> list:
+    """spec's cache going on from its prefill track (`track_of`): a copy of
+    its own track, or of the track its budgets share, under spec's budget."""
+    if track_of(spec) == spec.label():
+        return fork(track)
+    return with_budget(track, model, spec.name, **spec.args)
+
+
 class MlxLmKVCache:
     """mlx-lm's KVCache on mlx-lm's qwen2 model, started from our full cache's
     keys and values (the same tensors its own prefill would hold)."""
@@ -305,8 +313,7 @@ def main():
                         advance(model, track, window, prompt_len - 1)
                         log(f"  {track_of(spec)}: own prefill to {prompt_len - 1} "
                             f"({time.perf_counter() - t0:.0f} s)")
-                    labelled.append((spec.label(), fork(track) if track_of(spec) == spec.label()
-                                     else with_budget(track, model, spec.name, **spec.args)))
+                    labelled.append((spec.label(), from_track(model, spec, track)))
                 scores = score_together(model, labelled, scored_window, measured, args.alone, log)
                 # mlx-lm's cache runs on mlx-lm's model, so it is scored by itself.
                 for reference in references:

@@ -32,15 +32,14 @@ from fractions import Fraction
 from pathlib import Path
 
 from common import write_result
-from long_context import (MODEL, START, TEXTS, UNBUDGETED, advance, longest_kept_below,
-                          track_of)
+from long_context import (MODEL, START, TEXTS, UNBUDGETED, advance, from_track,
+                          longest_kept_below, track_of)
 
 from mlx_kvcache import load, make_cache
 from mlx_kvcache.cache_file import load_cache
 from mlx_kvcache.evaluate import (FORK_TAIL, PolicySpec, continue_from_full,
                                   continues_full_prefill, greedy_together, needle_prompt,
                                   prefill, read_text, rouge_l)
-from mlx_kvcache.policies import with_budget
 
 NEEDLE_TOKENS = 8
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -97,8 +96,7 @@ def generate_all(model, specs, prompt, max_tokens, stop, log, kept=None):
             if track not in tracks:
                 tracks[track] = spec.cache(model, len(prompt))
                 prefill(model, tracks[track], prompt)
-            caches[spec.label()] = (tracks[track] if track == spec.label() else
-                                    with_budget(tracks[track], model, spec.name, **spec.args))
+            caches[spec.label()] = from_track(model, spec, tracks[track])
         seconds[spec.label()] = time.perf_counter() - t0
     del full, tracks
     t0 = time.perf_counter()
