@@ -26,12 +26,27 @@ def device_label() -> str:
         "cuda" if mx.cuda.is_available() else "metal")
 
 
-def provenance() -> dict:
+def _commit():
+    """HEAD, with "+changes" when the code (results aside) differs from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD").stdout.strip()
+        changed = git("diff", "--quiet", "HEAD", "--", ":/", ":!benchmarks/results").returncode
     except OSError:
-        commit = None
+        return None
+    return head + ("+changes" if head and changed == 1 else "")
+
+
+# The code that runs is the commit checked out when the run started, not the
+# one checked out when a long run writes its result.
+STARTED_AT_COMMIT = _commit()
+
+
+def provenance() -> dict:
+    commit = STARTED_AT_COMMIT
     import mlx_lm
 
     return {"device": str(mx.default_device()), "backend": device_label(),

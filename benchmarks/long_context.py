@@ -161,6 +161,16 @@ def longest_kept_below(directory: Path, text_name: str, first: int, stop: int):
     return max(kept, default=None)
 
 
+def resume_full(model, directory, text_name: str, first: int, stop: int, beyond: int = 0):
+    """(length, cache) of the longest full prefill kept in `directory` of the
+    window of `text_name` starting at token `first` that stops at or before
+    token `stop` and is longer than `beyond` tokens, or None."""
+    kept = directory and longest_kept_below(Path(directory), text_name, first, stop + 1)
+    if not kept or kept[0] <= beyond:
+        return None
+    return kept[0], load_cache(kept[1], model, policy="full")
+
+
 def advance(model, cache, tokens, upto: int):
     """Prefill `cache` (at its offset) through tokens[:upto], in chunks."""
     chunk_times = []
@@ -280,18 +290,13 @@ def main():
                 # The shared track stops FORK_TAIL short of each prompt's end,
                 # where the policies continuing from it take over.
                 stop = prompt_len - 1 - FORK_TAIL
-                kept = (Path(args.prefill_cache) / f"{text_name}-{first}-{stop}.safetensors"
-                        if args.prefill_cache else None)
-                if kept is not None and kept.exists():
-                    tracks["full"] = load_cache(kept, model, policy="full")
-                    log(f"{text_name} window {w}: full prefill to {stop} tokens from {kept}")
-                else:
-                    shorter = kept and longest_kept_below(kept.parent, text_name, first, stop)
-                    if shorter and shorter[0] > tracks["full"][0].offset:
-                        # A run that stopped at a shorter length: go on from it.
-                        tracks["full"] = load_cache(shorter[1], model, policy="full")
-                        log(f"{text_name} window {w}: full prefill to {shorter[0]} tokens "
-                            f"from {shorter[1]}")
+                resumed = resume_full(model, args.prefill_cache, text_name, first, stop,
+                                      beyond=tracks["full"][0].offset)
+                if resumed:
+                    tracks["full"] = resumed[1]
+                    log(f"{text_name} window {w}: full prefill to {resumed[0]} tokens kept "
+                        f"in {args.prefill_cache}")
+                if tracks["full"][0].offset < stop:
                     t0, start = time.perf_counter(), tracks["full"][0].offset
                     chunks = advance(model, tracks["full"], window, stop)
                     report["prefill"].append({"text": text_name, "window": w, "from": start,
@@ -300,7 +305,8 @@ def main():
                                               "chunks": chunks})
                     log(f"{text_name} window {w}: full prefill to {stop} tokens "
                         f"({time.perf_counter() - t0:.0f} s)")
-                    if kept is not None:
+                    if args.prefill_cache:
+                        kept = Path(args.prefill_cache) / f"{text_name}-{first}-{stop}.safetensors"
                         kept.parent.mkdir(parents=True, exist_ok=True)
                         save_cache(kept, tracks["full"], model)
                 prompt, scored_window = window[:prompt_len], window[:prompt_len + measured]

@@ -33,10 +33,9 @@ from pathlib import Path
 
 from common import write_result
 from long_context import (MODEL, START, TEXTS, UNBUDGETED, advance, from_track,
-                          longest_kept_below, track_of)
+                          resume_full, track_of)
 
 from mlx_kvcache import load, make_cache
-from mlx_kvcache.cache_file import load_cache
 from mlx_kvcache.evaluate import (FORK_TAIL, PolicySpec, continue_from_full,
                                   continues_full_prefill, greedy_together, needle_prompt,
                                   prefill, read_text, rouge_l)
@@ -79,10 +78,10 @@ def generate_all(model, specs, prompt, max_tokens, stop, log, kept=None):
     cache together, one row each of a batch (evaluate.greedy_together)."""
     full = make_cache(model, "full")
     stop_at = len(prompt) - 1 - FORK_TAIL
-    shorter = kept and longest_kept_below(*kept, stop_at + 1)
-    if shorter:
-        full = load_cache(shorter[1], model, policy="full")
-        log(f"  full prefill to {shorter[0]} tokens from {shorter[1]}")
+    resumed = kept and resume_full(model, *kept, stop_at)
+    if resumed:
+        full = resumed[1]
+        log(f"  full prefill to {resumed[0]} tokens kept in {kept[0]}")
     t0 = time.perf_counter()
     advance(model, full, prompt, stop_at)
     log(f"  shared full prefill of {len(prompt)} tokens: {time.perf_counter() - t0:.0f} s")
