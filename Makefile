@@ -40,5 +40,10 @@ install: $(VENV)/.installed
 demo: install
 	$(RUN) -m mlx_kvcache.generate --policy full --prompt "$(PROMPT)"
 
+# The tests in two processes, one OpenBLAS thread each: their model steps are
+# small matrix-vector products that a second BLAS thread barely speeds up,
+# while a second process runs another test beside them (docs/testing.md).
+TEST_WORKERS ?= 2
+
 test: install
-	$(RUN) -m pytest -q
+	OPENBLAS_NUM_THREADS=1 $(RUN) -m pytest -q -n $(TEST_WORKERS)

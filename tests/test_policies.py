@@ -295,24 +295,24 @@ def test_snapkv_cuts_each_new_prompt_to_the_budget_of_the_context_then():
 
 def test_refreshkv_on_a_short_chat_prompt_grows_its_retained_set(smollm2):
     # The issue's prompt through SmolLM2's chat template (38 tokens), then
-    # 300 generated tokens. The old default resolved 1/8 of the prompt once:
-    # 5 tokens for the whole run. Now every token is retained up to the floor
-    # (40 here, just over the prompt), then 1/8 of the context so far (past 320
-    # tokens).
+    # generated tokens. The old default resolved its ratio of the prompt once:
+    # 5 tokens at 1/8 for the whole run. Now every token is retained up to the
+    # floor (40 here, just over the prompt), then the ratio of the context so
+    # far (1/4 here, so that 140 tokens pass 160 of context).
     model, tokenizer = smollm2
     messages = [{"role": "user", "content": "Write a short poem about the sea."}]
     prompt = encode_prompt(tokenizer, tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True))
     assert len(prompt) == 38
-    cache = make_cache(model, "refreshkv", min_budget=40)
+    cache = make_cache(model, "refreshkv", min_budget=40, budget_ratio=0.25)
     greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
     seen = []
-    for _, _ in zip(range(300), generate_step(prompt, model, cache, greedy)):
+    for _, _ in zip(range(140), generate_step(prompt, model, cache, greedy)):
         context = cache[0].offset
         retained = {layer.stats()["retained_tokens"] for layer in cache}
-        assert retained == {min(context, max(40, -(-context // 8)))}, context
+        assert retained == {min(context, max(40, -(-context // 4)))}, context
         seen.append(retained.pop())
-    assert seen[0] == 38 + 1 and seen[-1] == -(-cache[0].offset // 8) > 40
+    assert seen[0] == 38 + 1 and seen[-1] == -(-cache[0].offset // 4) > 40
     assert all(a <= b for a, b in zip(seen, seen[1:]))
 
 
