@@ -890,7 +890,8 @@ TABLES = {
     "long_generation": ("long_generation",
                         lambda r: long_generation_table(
                             r, load("long_generation_20k"), load("long_generation_longform_8k"),
-                            load("long_generation_longform_8k_gettext")),
+                            load("long_generation_longform_8k_gettext"),
+                            load("long_generation_needle_16k")),
                         ""),
     "long_generation_quick": ("long_generation_quick", long_generation_table, ""),
     "distributed": ("distributed", distributed_table, ""),
