@@ -55,6 +55,40 @@ def test_qwen_alias_is_the_verified_32k_k_quant_file(qwen):
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
 
+@pytest.mark.parametrize("alias", [QWEN, "gemma3-270m"])
+def test_k_quants_dequantize_to_the_packages_own_values(alias):
+    """gguf_package.dequantize hands the package BLOCKS_A_CALL blocks a call,
+    not its rows: per quantized type, the largest tensor (many calls, the last
+    one short) and a slice of rows (as offloading reads them) give exactly what
+    the package's own row-wise call gives."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as package_dequantize
+
+    from mlx_kvcache.gguf import read_header
+    from mlx_kvcache.gguf_package import BLOCKS_A_CALL, dequantize
+
+    path = packaged_gguf(alias)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    largest = {}
+    for tensor in read_header(path)[1]:
+        if tensor.type_name not in ("F32", "F16") and tensor.nbytes > getattr(
+                largest.get(tensor.type_name), "nbytes", 0):
+            largest[tensor.type_name] = tensor
+    assert {"Q4_K", "Q6_K"} <= set(largest)
+    for kind, tensor in largest.items():
+        raw = mapped[tensor.offset : tensor.offset + tensor.nbytes]
+        rows = np.asarray(raw).reshape(*tensor.shape[:-1], -1)
+        expected = package_dequantize(rows, GGMLQuantizationType[kind]).reshape(tensor.shape)
+        got = dequantize(raw, kind, tensor.shape)
+        assert got.dtype == np.float32 and np.array_equal(got, expected), (kind, tensor.name)
+        some = slice(3, 3 + min(5, tensor.shape[0] - 3))
+        assert np.array_equal(dequantize(rows[some].ravel(), kind, expected[some].shape),
+                              expected[some]), (kind, tensor.name)
+    # Qwen's embedding alone spans hundreds of calls.
+    assert max(t.nbytes for t in largest.values()) > 8 * BLOCKS_A_CALL * 34
+
+
 def test_qwen_matches_mlx_lms_qwen2_port_token_for_token(qwen):
     model, tokenizer = qwen
     prompt = tokenizer.apply_chat_template(
