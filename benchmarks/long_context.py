@@ -150,11 +150,17 @@ def window_starts(n_tokens: int, length: int, count: int):
     return [START + (usable * i) // max(count - 1, 1) for i in range(count)]
 
 
+def kept_path(directory: Path, text_name: str, first: int, upto) -> Path:
+    """Where the full prefill of `text_name`'s window starting at token `first`
+    through token `upto` is kept (`upto="*"`: the glob of every length kept)."""
+    return Path(directory) / f"{text_name}-{first}-{upto}.safetensors"
+
+
 def longest_kept_below(directory: Path, text_name: str, first: int, stop: int):
     """(length, path) of the longest kept prefill of this window that stops
     before `stop`, or None."""
     kept = []
-    for path in directory.glob(f"{text_name}-{first}-*.safetensors"):
+    for path in directory.glob(kept_path(directory, text_name, first, "*").name):
         upto = int(path.stem.rsplit("-", 1)[1])
         if upto < stop:
             kept.append((upto, path))
@@ -306,7 +312,7 @@ def main():
                     log(f"{text_name} window {w}: full prefill to {stop} tokens "
                         f"({time.perf_counter() - t0:.0f} s)")
                     if args.prefill_cache:
-                        kept = Path(args.prefill_cache) / f"{text_name}-{first}-{stop}.safetensors"
+                        kept = kept_path(args.prefill_cache, text_name, first, stop)
                         kept.parent.mkdir(parents=True, exist_ok=True)
                         save_cache(kept, tracks["full"], model)
                 prompt, scored_window = window[:prompt_len], window[:prompt_len + measured]
