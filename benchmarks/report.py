@@ -363,16 +363,18 @@ def long_context_table(result, timing=None) -> str:
     return "\n".join(lines)
 
 
-def long_context_every_policy(result, more=None) -> str:
-    """Every policy at its defaults over several windows: `more`, a run that
-    added windows to `result` (`--only-window`), is merged into it."""
-    if more:
-        result = {**result, "checkpoints": result["checkpoints"] + more["checkpoints"],
-                  "prefill": result["prefill"] + more["prefill"]}
+def long_context_every_policy(result, *more) -> str:
+    """Every policy at its defaults over several windows: `more`, runs that
+    added windows to `result` (other texts, `--only-window`), merged into it;
+    a run not made yet (None) is left out."""
+    more = [m for m in more if m]
+    for added in more:
+        result = {**result, "checkpoints": result["checkpoints"] + added["checkpoints"],
+                  "prefill": result["prefill"] + added["prefill"]}
     table = long_context_table(result)
     if more:
         head, rest = table.split("\n", 1)
-        table = f"{head} Windows added by: {where(more)}\n{rest}"
+        table = f"{head} Windows added by: {'; '.join(where(m) for m in more)}\n{rest}"
     return table
 
 
@@ -873,7 +875,8 @@ TABLES = {
     "long_context_8k": ("long_context_8k",
                         lambda r: long_context_every_policy(r, load("long_context_8k_more")), ""),
     "long_context_16k": ("long_context_16k",
-                         lambda r: long_context_every_policy(r, load("long_context_16k_coreutils")),
+                         lambda r: long_context_every_policy(r, load("long_context_16k_coreutils"),
+                                                               load("long_context_16k_coreutils_2")),
                          ""),
     "long_context_tradeoff": ("long_context_tradeoff",
                               lambda r: tradeoff_table(r, load("long_context_tradeoff_timing")),
