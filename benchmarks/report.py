@@ -894,7 +894,8 @@ TABLES = {
                         lambda r: long_generation_table(
                             r, load("long_generation_20k"), load("long_generation_longform_8k"),
                             load("long_generation_longform_8k_gettext"),
-                            load("long_generation_needle_16k")),
+                            load("long_generation_needle_16k"),
+                            load("long_generation_longform_16k")),
                         ""),
     "long_generation_quick": ("long_generation_quick", long_generation_table, ""),
     "distributed": ("distributed", distributed_table, ""),
