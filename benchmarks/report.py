@@ -872,6 +872,7 @@ TABLES = {
     "long_context_quick": ("long_context_quick", long_context_table, ""),
     "long_context_32k": ("long_context_32k",
                          lambda r: long_context_table(r, load("long_context_32k_timing")), ""),
+    "long_context_32k_l16": ("long_context_32k_l16", long_context_table, ""),
     "long_context_8k": ("long_context_8k",
                         lambda r: long_context_every_policy(r, load("long_context_8k_more")), ""),
     "long_context_16k": ("long_context_16k",
