@@ -47,8 +47,8 @@ DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 BUDGETED = ("streaming", "snapkv", "h2o", "refreshkv", "mixed")
 
 
-def specs_for(policies, ratios):
-    specs = [PolicySpec("full")]
+def specs_for(policies, ratios, with_full=True):
+    specs = [PolicySpec("full")] if with_full else []
     specs += [PolicySpec(name, {"budget_ratio": r, **({"kv_bits": 4} if name == "mixed" else {})})
               for r in ratios for name in BUDGETED if name in policies]
     specs += [PolicySpec(name, args) for name, args in UNBUDGETED.items() if name in policies]
@@ -82,9 +82,10 @@ def generate_all(model, specs, prompt, max_tokens, stop, log, kept=None):
     if resumed:
         full = resumed[1]
         log(f"  full prefill to {resumed[0]} tokens kept in {kept[0]}")
-    t0 = time.perf_counter()
-    advance(model, full, prompt, stop_at)
-    log(f"  shared full prefill of {len(prompt)} tokens: {time.perf_counter() - t0:.0f} s")
+    if any(continues_full_prefill(spec) for spec in specs):
+        t0 = time.perf_counter()
+        advance(model, full, prompt, stop_at)
+        log(f"  shared full prefill of {len(prompt)} tokens: {time.perf_counter() - t0:.0f} s")
     tracks, caches, seconds = {}, {}, {}
     for spec in specs:
         t0 = time.perf_counter()
@@ -117,7 +118,7 @@ def main():
     parser.add_argument("--lengths", default=None, help="comma-separated (default 8192,16384)")
     parser.add_argument("--ratios", default=None, help="comma-separated (default 1/16,1/8)")
     parser.add_argument("--policies", default=",".join(BUDGETED + tuple(UNBUDGETED)),
-                        help="comma-separated (full always runs)")
+                        help="comma-separated (full runs too unless --without-full)")
     parser.add_argument("--depths", default=None, help="needle depths (default 0.1,...,0.9)")
     parser.add_argument("--texts", default=",".join(TEXTS),
                         help=f"comma-separated haystacks / texts, of {', '.join(TEXTS)}")
@@ -126,6 +127,10 @@ def main():
     parser.add_argument("--prefill-cache", default=None, metavar="DIR",
                         help="long-form: go on from the full prefills long_context.py kept "
                         "here (its windows start where long-form's prompts do)")
+    parser.add_argument("--without-full", action="store_true",
+                        help="needle: leave full out (its answers to the same prompts, same "
+                        "--seed, are in an earlier run): no full prefill unless SnapKV or "
+                        "RefreshKV continue it")
     parser.add_argument("--name", default=None,
                         help="result file name (default long_generation, long_generation_quick)")
     args = parser.parse_args()
@@ -141,10 +146,12 @@ def main():
     unknown = set(args.texts.split(",")) - set(TEXTS)
     if unknown:
         raise SystemExit(f"unknown texts: {', '.join(sorted(unknown))}")
+    if args.without_full and args.tasks != "needle":
+        raise SystemExit("--without-full: long-form is scored against full's tokens")
     log = lambda line: print(line, flush=True)  # noqa: E731
 
     model, tokenizer = load(MODEL)
-    specs = specs_for(policies, ratios)
+    specs = specs_for(policies, ratios, with_full=not args.without_full)
     texts = {name: tokenizer.encode(read_text(TEXTS[name]), add_special_tokens=False)[START:]
              for name in args.texts.split(",")}
     report = {"benchmark": "long_generation", "model": model.source, "quick": quick,
@@ -160,7 +167,7 @@ def main():
                 kept = ((Path(args.prefill_cache), text, START)
                         if args.prefill_cache and task == "longform" else None)
                 outputs = generate_all(model, specs, prompt, max_tokens, stop, log, kept)
-                reference = outputs["full"]["tokens"]
+                reference = outputs["full"]["tokens"] if "full" in outputs else None
                 results = []
                 for label, out in outputs.items():
                     entry = {"label": label, "policy": out["policy"], "args": out["args"],

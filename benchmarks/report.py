@@ -291,7 +291,8 @@ def long_label(row) -> str:
 
 def long_context_rows(result):
     """{context: {label: (ppl ratio over all windows, per-window ratios,
-    mean decode ms/token, mean KV MiB)}}."""
+    mean decode ms/token, mean KV MiB)}}. A window scored under the same label
+    by more than one merged run (full, beside each run's budgets) counts once."""
     import math
 
     out = {}
@@ -299,11 +300,16 @@ def long_context_rows(result):
         points = [c for c in result["checkpoints"] if c["context"] == context]
         if not points:
             continue
-        by_label = {}
+        by_label, seen = {}, set()
         for point in points:
+            # Each run's ratios are to its own full: the prefills may differ in
+            # the last bits (MLX's softmax then, numpy's now).
             full_nll = point["results"][0]["nll"]
             for r in point["results"]:
-                by_label.setdefault(long_label(r), []).append((r, full_nll))
+                scored = (point["text"], point["window"], point["start"], long_label(r))
+                if scored not in seen:
+                    seen.add(scored)
+                    by_label.setdefault(long_label(r), []).append((r, full_nll))
         out[context] = {
             label: (math.exp(sum(r["nll"] - f for r, f in rows) / len(rows)),
                     [r["ratio_to_full"] for r, _ in rows],
