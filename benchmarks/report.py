@@ -319,9 +319,10 @@ def long_context_rows(result):
     return out
 
 
-def long_context_table(result, timing=None) -> str:
+def long_context_table(result, timing=None, timing_note=None) -> str:
     """`timing`: a run from the same kept prefills with `--only-first`, on a
-    quiet machine; its ms/token replace the scoring run's where it has them."""
+    quiet machine; its ms/token replace the scoring run's where it has them
+    (`timing_note`: what the header says of them instead)."""
     rows = long_context_rows(result)
     timed = long_context_rows(timing) if timing else {}
     for context, labels in timed.items():
@@ -332,8 +333,8 @@ def long_context_table(result, timing=None) -> str:
     contexts = list(rows)
     windows = sorted({(c["text"], c["window"]) for c in result["checkpoints"]})
     texts = sorted({t for t, _ in windows})
-    # The first window whose prefill this run made (others may have been kept).
-    made = sorted({(p["text"], p["window"]) for p in result["prefill"]})
+    # The first window whose prefill this run (or, merged, the first run) made.
+    made = [(p["text"], p["window"]) for p in result["prefill"]][:1]
     prefill = ", ".join(
         f"{p['upto']} tokens in {p['seconds'] / 60:.0f} min"
         + (f" (going on from a kept prefill of {p['from']})" if p.get("from") else "")
@@ -345,7 +346,8 @@ def long_context_table(result, timing=None) -> str:
              + (f"the first {result['alone']} of those tokens, each policy alone (the rest "
                 f"scored with every policy's cache as one row of a batch)" if result.get("alone")
                 else "those tokens")
-             + (f" (for {', '.join(sorted({l for c in timed.values() for l in c}))}: on the "
+             + (timing_note if timing_note is not None else
+                f" (for {', '.join(sorted({l for c in timed.values() for l in c}))}: on the "
                 f"first {timing['scored']} of them, in a second run with nothing else on the "
                 f"machine, {where(timing)})" if timed else "") + "; KV: what the "
              f"cache holds at the end. Prefill of the shared full track, one window: {prefill} "
@@ -369,15 +371,22 @@ def long_context_table(result, timing=None) -> str:
     return "\n".join(lines)
 
 
-def long_context_every_policy(result, *more) -> str:
+def long_context_every_policy(result, *more, speed_from_first=False) -> str:
     """Every policy at its defaults over several windows: `more`, runs that
     added windows to `result` (other texts, `--only-window`), merged into it;
-    a run not made yet (None) is left out."""
+    a run not made yet (None) is left out. `speed_from_first`: ms/token from
+    `result` alone, where the runs were made under different loads."""
     more = [m for m in more if m]
+    first = result
     for added in more:
         result = {**result, "checkpoints": result["checkpoints"] + added["checkpoints"],
                   "prefill": result["prefill"] + added["prefill"]}
-    table = long_context_table(result)
+    if speed_from_first and more:
+        windows = ", ".join(sorted({c["text"] for c in first["checkpoints"]}))
+        table = long_context_table(result, first, f" (from the first run named alone, its "
+                                   f"{windows} window: each run's machine load was its own)")
+    else:
+        table = long_context_table(result)
     if more:
         head, rest = table.split("\n", 1)
         table = f"{head} Windows added by: {'; '.join(where(m) for m in more)}\n{rest}"
@@ -879,6 +888,10 @@ TABLES = {
     "long_context_32k": ("long_context_32k",
                          lambda r: long_context_table(r, load("long_context_32k_timing")), ""),
     "long_context_32k_l16": ("long_context_32k_l16", long_context_table, ""),
+    "long_context_32k_windows": ("long_context_32k_gettext",
+                                 lambda r: long_context_every_policy(
+                                     r, load("long_context_32k_l16"), load("long_context_32k"),
+                                     speed_from_first=True), ""),
     "long_context_8k": ("long_context_8k",
                         lambda r: long_context_every_policy(r, load("long_context_8k_more")), ""),
     "long_context_16k": ("long_context_16k",
@@ -902,7 +915,9 @@ TABLES = {
                             r, load("long_generation_20k"), load("long_generation_longform_8k"),
                             load("long_generation_longform_8k_gettext"),
                             load("long_generation_needle_16k"),
-                            load("long_generation_longform_16k")),
+                            load("long_generation_longform_16k"),
+                            load("long_generation_needle_8k_quantized"),
+                            load("long_generation_needle_16k_streaming")),
                         ""),
     "long_generation_quick": ("long_generation_quick", long_generation_table, ""),
     "distributed": ("distributed", distributed_table, ""),
