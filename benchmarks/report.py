@@ -291,8 +291,9 @@ def long_label(row) -> str:
 
 def long_context_rows(result):
     """{context: {label: (ppl ratio over all windows, per-window ratios,
-    mean decode ms/token, mean KV MiB)}}. A window scored under the same label
-    by more than one merged run (full, beside each run's budgets) counts once."""
+    mean decode ms/token, mean KV MiB, the texts of its windows)}}. A window
+    scored under the same label by more than one merged run (full, beside each
+    run's budgets) counts once."""
     import math
 
     out = {}
@@ -300,7 +301,7 @@ def long_context_rows(result):
         points = [c for c in result["checkpoints"] if c["context"] == context]
         if not points:
             continue
-        by_label, seen = {}, set()
+        by_label, texts, seen = {}, {}, set()
         for point in points:
             # Each run's ratios are to its own full: the prefills may differ in
             # the last bits (MLX's softmax then, numpy's now).
@@ -310,11 +311,13 @@ def long_context_rows(result):
                 if scored not in seen:
                     seen.add(scored)
                     by_label.setdefault(long_label(r), []).append((r, full_nll))
+                    texts.setdefault(long_label(r), set()).add(point["text"])
         out[context] = {
             label: (math.exp(sum(r["nll"] - f for r, f in rows) / len(rows)),
                     [r["ratio_to_full"] for r, _ in rows],
                     sum(r["decode_ms_per_token"] for r, _ in rows) / len(rows),
-                    sum(r["kv_bytes"] for r, _ in rows) / len(rows) / 2**20)
+                    sum(r["kv_bytes"] for r, _ in rows) / len(rows) / 2**20,
+                    sorted(texts[label]))
             for label, rows in by_label.items()}
     return out
 
@@ -326,10 +329,10 @@ def long_context_table(result, timing=None, timing_note=None) -> str:
     rows = long_context_rows(result)
     timed = long_context_rows(timing) if timing else {}
     for context, labels in timed.items():
-        for label, (_, _, ms, _) in labels.items():
+        for label, (_, _, ms, _, _) in labels.items():
             if label in rows.get(context, {}):
-                ratio, per_window, _, kv = rows[context][label]
-                rows[context][label] = (ratio, per_window, ms, kv)
+                ratio, per_window, _, kv, texts_of = rows[context][label]
+                rows[context][label] = (ratio, per_window, ms, kv, texts_of)
     contexts = list(rows)
     windows = sorted({(c["text"], c["window"]) for c in result["checkpoints"]})
     texts = sorted({t for t, _ in windows})
@@ -363,9 +366,11 @@ def long_context_table(result, timing=None, timing_note=None) -> str:
             if label not in rows[c]:
                 cells.append("— | — | —")
                 continue
-            ratio, per_window, ms, kv = rows[c][label]
+            ratio, per_window, ms, kv, texts_of = rows[c][label]
             spread = (f" [{min(per_window):.2f}-{max(per_window):.2f}]"
                       if len(per_window) > 1 else "")
+            if len(per_window) < len(windows):  # a policy a merged run added later
+                spread += f" ({len(per_window)} of {len(windows)} windows: {', '.join(texts_of)})"
             cells.append(f"{ratio:.3f}{spread} | {ms:.0f} | {kv:.0f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -383,8 +388,17 @@ def long_context_every_policy(result, *more, speed_from_first=False) -> str:
                   "prefill": result["prefill"] + added["prefill"]}
     if speed_from_first and more:
         windows = ", ".join(sorted({c["text"] for c in first["checkpoints"]}))
+        timed = {long_label(r) for point in first["checkpoints"] for r in point["results"]}
+        # Policies only a later run has keep that run's ms/token: name its full's beside them.
+        later = [(sorted({long_label(r) for p in m["checkpoints"] for r in p["results"]} - timed),
+                  [p["results"][0]["decode_ms_per_token"] for p in m["checkpoints"]])
+                 for m in more]
+        later = "".join(f"; {', '.join(labels)}: from the run that added them, where full took "
+                        f"{' / '.join(f'{ms:.0f}' for ms in fulls)} ms"
+                        for labels, fulls in later if labels)
         table = long_context_table(result, first, f" (from the first run named alone, its "
-                                   f"{windows} window: each run's machine load was its own)")
+                                   f"{windows} window{later}: each run's machine load was its "
+                                   f"own)")
     else:
         table = long_context_table(result)
     if more:
@@ -429,7 +443,7 @@ def tradeoff_rows(result, timing):
                 timed[long_label(r)] = r
     return [(name, ratio, timed.get(name, {}).get("decode_ms_per_token"),
              timed.get(name, {}).get("full_step_share"))
-            for name, (ratio, _, _, _) in quality.items()]
+            for name, (ratio, *_) in quality.items()]
 
 
 def tradeoff_table(result, timing=None) -> str:
@@ -892,6 +906,7 @@ TABLES = {
     "long_context_32k_windows": ("long_context_32k_gettext",
                                  lambda r: long_context_every_policy(
                                      r, load("long_context_32k_l16"), load("long_context_32k"),
+                                     load("long_context_32k_gettext_more"),
                                      speed_from_first=True), ""),
     "long_context_8k": ("long_context_8k",
                         lambda r: long_context_every_policy(r, load("long_context_8k_more")), ""),
