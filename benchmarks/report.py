@@ -301,23 +301,23 @@ def long_context_rows(result):
         points = [c for c in result["checkpoints"] if c["context"] == context]
         if not points:
             continue
-        by_label, texts, seen = {}, {}, set()
+        by_label, seen = {}, set()
         for point in points:
             # Each run's ratios are to its own full: the prefills may differ in
             # the last bits (MLX's softmax then, numpy's now).
             full_nll = point["results"][0]["nll"]
             for r in point["results"]:
-                scored = (point["text"], point["window"], point["start"], long_label(r))
+                label = long_label(r)
+                scored = (point["text"], point["window"], point["start"], label)
                 if scored not in seen:
                     seen.add(scored)
-                    by_label.setdefault(long_label(r), []).append((r, full_nll))
-                    texts.setdefault(long_label(r), set()).add(point["text"])
+                    by_label.setdefault(label, []).append((r, full_nll, point["text"]))
         out[context] = {
-            label: (math.exp(sum(r["nll"] - f for r, f in rows) / len(rows)),
-                    [r["ratio_to_full"] for r, _ in rows],
-                    sum(r["decode_ms_per_token"] for r, _ in rows) / len(rows),
-                    sum(r["kv_bytes"] for r, _ in rows) / len(rows) / 2**20,
-                    sorted(texts[label]))
+            label: (math.exp(sum(r["nll"] - f for r, f, _ in rows) / len(rows)),
+                    [r["ratio_to_full"] for r, _, _ in rows],
+                    sum(r["decode_ms_per_token"] for r, _, _ in rows) / len(rows),
+                    sum(r["kv_bytes"] for r, _, _ in rows) / len(rows) / 2**20,
+                    sorted({text for _, _, text in rows}))
             for label, rows in by_label.items()}
     return out
 
@@ -390,12 +390,15 @@ def long_context_every_policy(result, *more, speed_from_first=False) -> str:
         windows = ", ".join(sorted({c["text"] for c in first["checkpoints"]}))
         timed = {long_label(r) for point in first["checkpoints"] for r in point["results"]}
         # Policies only a later run has keep that run's ms/token: name its full's beside them.
-        later = [(sorted({long_label(r) for p in m["checkpoints"] for r in p["results"]} - timed),
-                  [p["results"][0]["decode_ms_per_token"] for p in m["checkpoints"]])
-                 for m in more]
-        later = "".join(f"; {', '.join(labels)}: from the run that added them, where full took "
-                        f"{' / '.join(f'{ms:.0f}' for ms in fulls)} ms"
-                        for labels, fulls in later if labels)
+        later = ""
+        for added in more:
+            labels = sorted({long_label(r) for point in added["checkpoints"]
+                             for r in point["results"]} - timed)
+            if labels:
+                fulls = " / ".join(f"{point['results'][0]['decode_ms_per_token']:.0f}"
+                                   for point in added["checkpoints"])
+                later += (f"; {', '.join(labels)}: from the run that added them, where full "
+                          f"took {fulls} ms")
         table = long_context_table(result, first, f" (from the first run named alone, its "
                                    f"{windows} window{later}: each run's machine load was its "
                                    f"own)")
