@@ -5,9 +5,11 @@ pages quote exactly what the scripts measured.
     python benchmarks/report.py
 """
 
+import importlib.util
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -294,8 +296,6 @@ def long_context_rows(result):
     mean decode ms/token, mean KV MiB, the texts of its windows)}}. A window
     scored under the same label by more than one merged run (full, beside each
     run's budgets) counts once."""
-    import math
-
     out = {}
     for context in result["lengths"]:
         points = [c for c in result["checkpoints"] if c["context"] == context]
@@ -971,6 +971,10 @@ def sections() -> dict:
         (RESULTS / "growing_context.md").write_text(table + "\n")
         out["growing_context"] = (table + "\n\n![growing context]"
                                   "({results}/growing_context.png)")
+    if importlib.util.find_spec("matplotlib") is None:  # the bench extra: tables need only json
+        print("report: matplotlib is not installed (pip install -e '.[bench]'): "
+              "writing the tables only, the plots left as they are", file=sys.stderr)
+        return out
     plots(load("speed_cpu"), load("fidelity"), growing, load("long_context"),
           load("long_context_tradeoff"), load("long_context_tradeoff_timing"),
           load("multi_turn"), load("offload"), load("ffn_sparsity"), load("speed_qwen_cpu"))
