@@ -5,8 +5,8 @@ the context so far, never below the floor) beside full; on the coreutils
 manual also RefreshKV and streaming at floors 0-512 and RefreshKV at what the
 old default resolved to (1/8 of the prompt, once: 8 tokens for the whole
 run). Perplexity over the whole continuation and per block of 256 scored
-tokens. The default floor is read off this table (README, "Budgets that grow
-with the context").
+tokens. The default floor is read off this table (docs/long_context.md,
+"Budgets that grow: where the floor comes from").
 
     python benchmarks/growing_context.py [--quick] [--texts coreutils gettext]
 

@@ -389,16 +389,19 @@ def long_context_every_policy(result, *more, speed_from_first=False) -> str:
     if speed_from_first and more:
         windows = ", ".join(sorted({c["text"] for c in first["checkpoints"]}))
         timed = {long_label(r) for point in first["checkpoints"] for r in point["results"]}
-        # Policies only a later run has keep that run's ms/token: name its full's beside them.
-        later = ""
+        # Policies only later runs have keep those runs' ms/token (their mean where
+        # several added windows): name the fulls of those runs beside them.
+        fulls_of = {}
         for added in more:
-            labels = sorted({long_label(r) for point in added["checkpoints"]
-                             for r in point["results"]} - timed)
+            labels = tuple(sorted({long_label(r) for point in added["checkpoints"]
+                                   for r in point["results"]} - timed))
             if labels:
-                fulls = " / ".join(f"{point['results'][0]['decode_ms_per_token']:.0f}"
-                                   for point in added["checkpoints"])
-                later += (f"; {', '.join(labels)}: from the run that added them, where full "
-                          f"took {fulls} ms")
+                fulls_of.setdefault(labels, []).extend(
+                    f"{point['results'][0]['decode_ms_per_token']:.0f}"
+                    for point in added["checkpoints"])
+        later = "".join(f"; {', '.join(labels)}: from the run{'s' if len(fulls) > 1 else ''} "
+                        f"that added them{' (mean)' if len(fulls) > 1 else ''}, where full "
+                        f"took {' / '.join(fulls)} ms" for labels, fulls in fulls_of.items())
         table = long_context_table(result, first, f" (from the first run named alone, its "
                                    f"{windows} window{later}: each run's machine load was its "
                                    f"own)")
@@ -906,10 +909,14 @@ TABLES = {
     "long_context_32k": ("long_context_32k",
                          lambda r: long_context_table(r, load("long_context_32k_timing")), ""),
     "long_context_32k_l16": ("long_context_32k_l16", long_context_table, ""),
+    # The runs of the policies that prefill their own 32K window, one a window.
+    **{name: (name, long_context_table, "")
+       for name in ("long_context_32k_gettext_more", "long_context_32k_coreutils_more")},
     "long_context_32k_windows": ("long_context_32k_gettext",
                                  lambda r: long_context_every_policy(
                                      r, load("long_context_32k_l16"), load("long_context_32k"),
                                      load("long_context_32k_gettext_more"),
+                                     load("long_context_32k_coreutils_more"),
                                      speed_from_first=True), ""),
     "long_context_8k": ("long_context_8k",
                         lambda r: long_context_every_policy(r, load("long_context_8k_more")), ""),

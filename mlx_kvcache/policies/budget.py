@@ -18,8 +18,8 @@ from mlx_kvcache.errors import UserError
 # The papers' L/8 (RefreshKV, SnapKV at 32K), measured here on long prompts:
 # docs/benchmarks.md, fidelity tables.
 DEFAULT_BUDGET_RATIO = 1 / 8
-# Read off the growing-context table (benchmarks/growing_context.py, README
-# "Budgets that grow with the context").
+# Read off the growing-context table (benchmarks/growing_context.py,
+# docs/long_context.md, "Budgets that grow: where the floor comes from").
 DEFAULT_MIN_BUDGET = 256
 
 
