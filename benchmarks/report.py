@@ -11,6 +11,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
@@ -291,11 +292,23 @@ def long_label(row) -> str:
     return name + (f" ({extra})" if extra else "")
 
 
+class ContextRow(NamedTuple):
+    """One setting at one context, over the windows a (merged) run scored."""
+    ratio: float  # perplexity ratio to full over all its windows
+    per_window: list  # each window's ratio
+    decode_ms: float  # mean decode ms/token
+    kv_mib: float  # mean KV MiB held at the end
+    texts: list  # the texts of its windows
+
+
+def labels_in(run) -> set:
+    """The settings a long-context run scored."""
+    return {long_label(r) for point in run["checkpoints"] for r in point["results"]}
+
+
 def long_context_rows(result):
-    """{context: {label: (ppl ratio over all windows, per-window ratios,
-    mean decode ms/token, mean KV MiB, the texts of its windows)}}. A window
-    scored under the same label by more than one merged run (full, beside each
-    run's budgets) counts once."""
+    """{context: {label: ContextRow}}. A window scored under the same label by
+    more than one merged run (full, beside each run's budgets) counts once."""
     out = {}
     for context in result["lengths"]:
         points = [c for c in result["checkpoints"] if c["context"] == context]
@@ -313,11 +326,11 @@ def long_context_rows(result):
                     seen.add(scored)
                     by_label.setdefault(label, []).append((r, full_nll, point["text"]))
         out[context] = {
-            label: (math.exp(sum(r["nll"] - f for r, f, _ in rows) / len(rows)),
-                    [r["ratio_to_full"] for r, _, _ in rows],
-                    sum(r["decode_ms_per_token"] for r, _, _ in rows) / len(rows),
-                    sum(r["kv_bytes"] for r, _, _ in rows) / len(rows) / 2**20,
-                    sorted({text for _, _, text in rows}))
+            label: ContextRow(math.exp(sum(r["nll"] - f for r, f, _ in rows) / len(rows)),
+                              [r["ratio_to_full"] for r, _, _ in rows],
+                              sum(r["decode_ms_per_token"] for r, _, _ in rows) / len(rows),
+                              sum(r["kv_bytes"] for r, _, _ in rows) / len(rows) / 2**20,
+                              sorted({text for _, _, text in rows}))
             for label, rows in by_label.items()}
     return out
 
@@ -329,10 +342,9 @@ def long_context_table(result, timing=None, timing_note=None) -> str:
     rows = long_context_rows(result)
     timed = long_context_rows(timing) if timing else {}
     for context, labels in timed.items():
-        for label, (_, _, ms, _, _) in labels.items():
+        for label, row in labels.items():
             if label in rows.get(context, {}):
-                ratio, per_window, _, kv, texts_of = rows[context][label]
-                rows[context][label] = (ratio, per_window, ms, kv, texts_of)
+                rows[context][label] = rows[context][label]._replace(decode_ms=row.decode_ms)
     contexts = list(rows)
     windows = sorted({(c["text"], c["window"]) for c in result["checkpoints"]})
     texts = sorted({t for t, _ in windows})
@@ -388,13 +400,12 @@ def long_context_every_policy(result, *more, speed_from_first=False) -> str:
                   "prefill": result["prefill"] + added["prefill"]}
     if speed_from_first and more:
         windows = ", ".join(sorted({c["text"] for c in first["checkpoints"]}))
-        timed = {long_label(r) for point in first["checkpoints"] for r in point["results"]}
+        timed = labels_in(first)
         # Policies only later runs have keep those runs' ms/token (their mean where
         # several added windows): name the fulls of those runs beside them.
         fulls_of = {}
         for added in more:
-            labels = tuple(sorted({long_label(r) for point in added["checkpoints"]
-                                   for r in point["results"]} - timed))
+            labels = tuple(sorted(labels_in(added) - timed))
             if labels:
                 fulls_of.setdefault(labels, []).extend(
                     f"{point['results'][0]['decode_ms_per_token']:.0f}"
@@ -447,9 +458,9 @@ def tradeoff_rows(result, timing):
         for point in timing["checkpoints"]:
             for r in point["results"]:
                 timed[long_label(r)] = r
-    return [(name, ratio, timed.get(name, {}).get("decode_ms_per_token"),
+    return [(name, row.ratio, timed.get(name, {}).get("decode_ms_per_token"),
              timed.get(name, {}).get("full_step_share"))
-            for name, (ratio, *_) in quality.items()]
+            for name, row in quality.items()]
 
 
 def tradeoff_table(result, timing=None) -> str:
@@ -794,7 +805,7 @@ def plots(speed, fidelity, growing, long_context=None, tradeoff=None, timing=Non
         for policy in dict.fromkeys(name for c in contexts for name in rows[c]):
             if policy == "full":
                 continue
-            points = [(c, rows[c][policy][2] / rows[c]["full"][2]) for c in contexts
+            points = [(c, rows[c][policy].decode_ms / rows[c]["full"].decode_ms) for c in contexts
                       if policy in rows[c]]
             ax.plot([c for c, _ in points], [r for _, r in points], marker="o", label=policy)
         ax.axhline(1.0, color="black", linewidth=0.8)
