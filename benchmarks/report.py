@@ -921,14 +921,18 @@ TABLES = {
     "long_context_32k": ("long_context_32k",
                          lambda r: long_context_table(r, load("long_context_32k_timing")), ""),
     "long_context_32k_l16": ("long_context_32k_l16", long_context_table, ""),
-    # The runs of the policies that prefill their own 32K window, one a window.
+    # The later 32K runs, one a window and kind of prefill: the policies that
+    # continue the shared prefill, then those that read the window themselves.
     **{name: (name, long_context_table, "")
-       for name in ("long_context_32k_gettext_more", "long_context_32k_coreutils_more")},
+       for name in ("long_context_32k_gettext_more", "long_context_32k_coreutils_more",
+                    "long_context_32k_coreutils_w1", "long_context_32k_coreutils_w1_more")},
     "long_context_32k_windows": ("long_context_32k_gettext",
                                  lambda r: long_context_every_policy(
                                      r, load("long_context_32k_l16"), load("long_context_32k"),
                                      load("long_context_32k_gettext_more"),
                                      load("long_context_32k_coreutils_more"),
+                                     load("long_context_32k_coreutils_w1"),
+                                     load("long_context_32k_coreutils_w1_more"),
                                      speed_from_first=True), ""),
     "long_context_8k": ("long_context_8k",
                         lambda r: long_context_every_policy(r, load("long_context_8k_more")), ""),
