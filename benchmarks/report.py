@@ -354,7 +354,7 @@ def long_context_table(result, timing=None, timing_note=None) -> str:
         f"{p['upto']} tokens in {p['seconds'] / 60:.0f} min"
         + (f" (going on from a kept prefill of {p['from']})" if p.get("from") else "")
         for p in result["prefill"] if made and (p["text"], p["window"]) == made[0]
-    ) or "read from one an earlier run kept (--prefill-cache), not timed here"
+    ) or "read from a prefill an earlier run kept (--prefill-cache), not timed here"
     lines = [f"Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, dequantized to float32): perplexity of the "
              f"last {result['scored']} tokens of each window, scored one token at a time, as a "
              f"ratio to full (over {len(windows)} window(s) from {', '.join(texts)}; per-window "
