@@ -25,8 +25,9 @@ import mlx.core as mx
 from mlx_kvcache.cli import Parser, add_policy_flags, number, write_json_atomic
 from mlx_kvcache.errors import UserError
 from mlx_kvcache.generate import prefill as feed
-from mlx_kvcache.policies import (POLICIES, make_cache, parameters, reads_prompts_in_full,
-                                   take_over)
+from mlx_kvcache.policies import (POLICIES, fork, make_cache, parameters,
+                                   reads_prompts_in_full, take_over)
+from mlx_kvcache.prompt_cache import common_prefix
 from mlx_kvcache.stacked import stack
 
 PREFILL_STEP = 2048
@@ -76,9 +77,39 @@ def windows(tokens: List[int], length: int, count: int) -> List[List[int]]:
     return [tokens[i * stride : i * stride + length] for i in range(count)]
 
 
-def prefill(model, cache, tokens: List[int]) -> None:
-    """All but the last token, in chunks, as the generation loop does."""
-    feed(model, cache, tokens[:-1], prefill_step_size=PREFILL_STEP)
+def prefill(model, cache, tokens: List[int], step: int = PREFILL_STEP) -> None:
+    """All but the last token, in chunks of `step`, as the generation loop does,
+    going on from the tokens[:offset] `cache` already holds (none, or a chunk
+    boundary's worth from `SharedPrefix`, so the chunks fall where they would
+    from the start)."""
+    feed(model, cache, tokens[cache[0].offset : -1], prefill_step_size=step)
+
+
+class SharedPrefix:
+    """Prefills of prompts that begin alike (a needle at growing depths of one
+    haystack) that read what they share once: a cache kept at a chunk boundary
+    inside the shared tokens is copied (`fork`) for each prompt, which reads
+    only the rest. The chunks fall where a prefill from the start puts them, so
+    each cache is the one a prefill from empty makes, bit for bit (tests)."""
+
+    def __init__(self, model, step: int = PREFILL_STEP):
+        self.model, self.step = model, step
+        self.kept, self.held = None, []  # the kept cache and the tokens it holds
+
+    def start(self, prompt: List[int], shared: int, most: int, new_cache) -> list:
+        """A new cache (`new_cache()`, one policy for every call) holding the
+        first tokens of `prompt` that the kept cache holds, no more than
+        `most`; before that the kept cache reads on to the last chunk boundary
+        at or below `shared`, how many first tokens of `prompt` the prompts
+        still to come share."""
+        if self.kept is None or prompt[: len(self.held)] != self.held or len(self.held) > most:
+            self.kept, self.held = new_cache(), []
+        upto = min(shared, most) // self.step * self.step
+        if upto > len(self.held):
+            feed(self.model, self.kept, prompt[len(self.held) : upto],
+                 prefill_step_size=self.step)
+            self.held = prompt[:upto]
+        return fork(self.kept) if self.held else new_cache()
 
 
 # The last prompt tokens a policy continuing from a full prefill reads itself:
@@ -237,11 +268,17 @@ def run_task(task: str, model, tokenizer, specs: List[PolicySpec], args, log) ->
         keys = random.Random(args.seed)
         trials = [(d, str(keys.randint(10000, 99999))) for d in args.depths
                   for _ in range(args.windows)]
-        for depth, key in trials:
-            prompt = needle_prompt(tokenizer, haystack, args.context, depth, key)
-            for spec, result in zip(specs, results):
-                answer = tokenizer.decode(greedy(model, spec.cache(model, len(prompt)), prompt,
-                                                 8, tokenizer.eos_token_ids))
+        prompts = [needle_prompt(tokenizer, haystack, args.context, depth, key)
+                   for depth, key in trials]
+        # The prompts begin alike up to the needle: each policy reads that once.
+        sharing = [SharedPrefix(model) for _ in specs]
+        for (depth, key), prompt, after in zip(trials, prompts, prompts[1:] + [[]]):
+            shared = common_prefix(prompt, after)
+            for spec, result, prefix in zip(specs, results, sharing):
+                cache = prefix.start(prompt, shared, len(prompt) - 1,
+                                     lambda: spec.cache(model, len(prompt)))
+                answer = tokenizer.decode(greedy(model, cache, prompt, 8,
+                                                 tokenizer.eos_token_ids))
                 found = key in answer
                 result["per_window"].append({"depth": depth, "key": key, "answer": answer,
                                              "correct": found})

@@ -47,7 +47,7 @@ class PromptCacheStore:
             for entry in self.entries:
                 if entry.key != key:
                     continue
-                n = _common_prefix(entry.tokens, prompt)
+                n = common_prefix(entry.tokens, prompt)
                 n = min(n, len(prompt) - 1)
                 exact = n == len(entry.tokens)
                 if n > best_n and (exact or trimmable(entry.cache)):
@@ -71,7 +71,8 @@ class PromptCacheStore:
                 self.entries.pop(0)
 
 
-def _common_prefix(a: List[int], b: List[int]) -> int:
+def common_prefix(a: List[int], b: List[int]) -> int:
+    """How many first tokens `a` and `b` share."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

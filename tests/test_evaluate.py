@@ -139,6 +139,40 @@ def test_bad_input_is_one_line(capsys, tiny_gguf, argv, fragment):
     assert code == 1 and fragment in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("policy, args", [
+    ("full", {}), ("h2o", {"budget": 40}), ("mixed", {"budget": 40, "kv_group_size": 32}),
+    ("quantized", {"kv_bits": 4, "kv_group_size": 32}),
+], ids=lambda x: str(x))
+def test_prompts_that_begin_alike_read_their_shared_tokens_once_exactly(policy, args):
+    # benchmarks/long_generation.py reads a haystack's first tokens once for
+    # the needle at growing depths: each prompt's cache must be the one its
+    # own prefill from empty makes, bit for bit, whatever the policy.
+    import mlx.core as mx
+
+    from mlx_kvcache import make_cache
+    from mlx_kvcache.evaluate import SharedPrefix, prefill
+    from mlx_kvcache.prompt_cache import common_prefix
+
+    model = tiny_model("llama3")
+    haystack = [(7 * i + 3) % 256 for i in range(150)]
+    needle = [250, 251, 252]
+    prompts = [haystack[:at] + needle + haystack[at:] for at in (20, 50, 90, 95)]
+    prompts.append(haystack[:10] + needle)  # parts before the kept tokens: read afresh
+    new_cache = lambda: make_cache(model, policy, **args)  # noqa: E731
+    sharing = SharedPrefix(model, step=16)
+    read_before = []
+    for prompt, after in zip(prompts, prompts[1:] + [[]]):
+        cache = sharing.start(prompt, common_prefix(prompt, after), len(prompt) - 1, new_cache)
+        read_before.append(cache[0].offset)
+        prefill(model, cache, prompt, step=16)
+        own = new_cache()
+        prefill(model, own, prompt, step=16)
+        for token in (prompt[-1], 5, 9):
+            step = mx.array([[token]])
+            assert mx.array_equal(model(step, cache=cache), model(step, cache=own))
+    assert read_before == [16, 48, 80, 80, 0]
+
+
 @pytest.mark.parametrize("arch", ["llama3", "gemma3"])
 def test_continuing_a_full_prefill_is_exact(arch):
     # The long-context benchmark prefills a window once with `full` and lets
