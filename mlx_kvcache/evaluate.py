@@ -88,8 +88,8 @@ def prefill(model, cache, tokens: List[int], step: int = PREFILL_STEP) -> None:
 class SharedPrefix:
     """Prefills of prompts that begin alike (a needle at growing depths of one
     haystack) that read what they share once: a cache kept at a chunk boundary
-    inside the shared tokens is copied (`fork`) for each prompt, which reads
-    only the rest. The chunks fall where a prefill from the start puts them, so
+    inside the shared tokens is copied (`fork`) for each prompt, the last one
+    to use it taking it, and each prompt reads only the rest. The chunks fall where a prefill from the start puts them, so
     each cache is the one a prefill from empty makes, bit for bit (tests)."""
 
     def __init__(self, model, step: int = PREFILL_STEP):
@@ -97,11 +97,11 @@ class SharedPrefix:
         self.kept, self.held = None, []  # the kept cache and the tokens it holds
 
     def start(self, prompt: List[int], shared: int, most: int, new_cache) -> list:
-        """A new cache (`new_cache()`, one policy for every call) holding the
-        first tokens of `prompt` that the kept cache holds, no more than
-        `most`; before that the kept cache reads on to the last chunk boundary
-        at or below `shared`, how many first tokens of `prompt` the prompts
-        still to come share."""
+        """A cache for `prompt` (of `new_cache()`'s policy, the same at every
+        call) holding as many of its first tokens as the kept cache holds, no
+        more than `most`; before that the kept cache reads on to the last
+        chunk boundary at or below `shared`, how many first tokens of `prompt`
+        the prompts still to come share."""
         if self.kept is None or prompt[: len(self.held)] != self.held or len(self.held) > most:
             self.kept, self.held = new_cache(), []
         upto = min(shared, most) // self.step * self.step
@@ -109,7 +109,11 @@ class SharedPrefix:
             feed(self.model, self.kept, prompt[len(self.held) : upto],
                  prefill_step_size=self.step)
             self.held = prompt[:upto]
-        return fork(self.kept) if self.held else new_cache()
+        if not self.held or min(shared, most) < len(self.held):
+            # Of no use to the prompts to come: this one takes it, uncopied.
+            cache, self.kept, self.held = self.kept, None, []
+            return cache
+        return fork(self.kept)
 
 
 # The last prompt tokens a policy continuing from a full prefill reads itself:
@@ -270,7 +274,8 @@ def run_task(task: str, model, tokenizer, specs: List[PolicySpec], args, log) ->
                   for _ in range(args.windows)]
         prompts = [needle_prompt(tokenizer, haystack, args.context, depth, key)
                    for depth, key in trials]
-        # The prompts begin alike up to the needle: each policy reads that once.
+        # The prompts begin alike up to the needle: each policy reads that once
+        # (holding one more cache meanwhile).
         sharing = [SharedPrefix(model) for _ in specs]
         for (depth, key), prompt, after in zip(trials, prompts, prompts[1:] + [[]]):
             shared = common_prefix(prompt, after)

@@ -157,20 +157,23 @@ def test_prompts_that_begin_alike_read_their_shared_tokens_once_exactly(policy, 
     haystack = [(7 * i + 3) % 256 for i in range(150)]
     needle = [250, 251, 252]
     prompts = [haystack[:at] + needle + haystack[at:] for at in (20, 50, 90, 95)]
-    prompts.append(haystack[:10] + needle)  # parts before the kept tokens: read afresh
+    prompts.append(haystack[:10] + needle)  # shares no chunk with the others
     new_cache = lambda: make_cache(model, policy, **args)  # noqa: E731
     sharing = SharedPrefix(model, step=16)
     read_before = []
     for prompt, after in zip(prompts, prompts[1:] + [[]]):
         cache = sharing.start(prompt, common_prefix(prompt, after), len(prompt) - 1, new_cache)
-        read_before.append(cache[0].offset)
+        read_before.append((cache[0].offset, sharing.kept is not None))
         prefill(model, cache, prompt, step=16)
         own = new_cache()
         prefill(model, own, prompt, step=16)
         for token in (prompt[-1], 5, 9):
             step = mx.array([[token]])
             assert mx.array_equal(model(step, cache=cache), model(step, cache=own))
-    assert read_before == [16, 48, 80, 80, 0]
+    # (tokens each cache came with, whether a cache is still kept): the fourth
+    # prompt takes the kept one, as nothing after it shares its tokens; the
+    # fifth starts empty.
+    assert read_before == [(16, True), (48, True), (80, True), (80, False), (0, False)]
 
 
 @pytest.mark.parametrize("arch", ["llama3", "gemma3"])
