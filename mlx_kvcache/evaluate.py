@@ -89,8 +89,9 @@ class SharedPrefix:
     """Prefills of prompts that begin alike (a needle at growing depths of one
     haystack) that read what they share once: a cache kept at a chunk boundary
     inside the shared tokens is copied (`fork`) for each prompt, the last one
-    to use it taking it, and each prompt reads only the rest. The chunks fall where a prefill from the start puts them, so
-    each cache is the one a prefill from empty makes, bit for bit (tests)."""
+    to use it taking it, and each prompt reads only the rest. The chunks fall
+    where a prefill from the start puts them, so each cache is the one a
+    prefill from empty makes, bit for bit (tests)."""
 
     def __init__(self, model, step: int = PREFILL_STEP):
         self.model, self.step = model, step
