@@ -196,8 +196,6 @@ def main():
                         if args.prefill_cache and task == "longform" else None)
                 outputs = generate_all(model, specs, prompt, max_tokens, stop, log, kept,
                                        sharing, shared)
-                if not shared:  # nothing kept is of use to the next prompt
-                    sharing.clear()
                 reference = outputs["full"]["tokens"] if "full" in outputs else None
                 results = []
                 for label, out in outputs.items():
