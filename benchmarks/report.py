@@ -33,15 +33,31 @@ def load(name):
 
 
 def where(result) -> str:
-    how = " (--quick)" if result.get("quick") else ""
-    if "command" in result.get("provenance", {}):
-        how = f" (`{result['provenance']['command']}`)"
     if "provenance" not in result:  # written before provenance was recorded
         return f"_{result['device']}, MLX {result['mlx']}, this repository's CPU machine._"
-    p = result["provenance"]
+    return f"_{setting(result['provenance'])}, {which_run(result)}._"
+
+
+def setting(p) -> str:
+    """Where a run was measured: device, machine, BLAS kernels, MLX and mlx-lm versions."""
     blas = f", OpenBLAS {p['openblas_core']} kernels" if p.get("openblas_core") else ""
-    return (f"_{p['device']} on {p['machine']}{blas}, MLX {p['mlx']}, mlx-lm {p['mlx_lm']}, "
-            f"commit {p['commit']}, {p['date']}{how}._")
+    return f"{p['device']} on {p['machine']}{blas}, MLX {p['mlx']}, mlx-lm {p['mlx_lm']}"
+
+
+def which_run(result) -> str:
+    p = result["provenance"]
+    how = f" (`{p['command']}`)" if "command" in p else " (--quick)" if result.get("quick") else ""
+    return f"commit {p['commit']}, {p['date']}{how}"
+
+
+def where_each(labelled) -> str:
+    """Provenance of (label, result) runs merged into one table: the setting they share
+    once, then each run's commit, date and command."""
+    settings = {setting(r["provenance"]) for _, r in labelled if "provenance" in r}
+    if len(settings) != 1 or any("provenance" not in r for _, r in labelled):
+        return "; ".join(f"{label}{where(r)}" for label, r in labelled)
+    return (f"_{settings.pop()}; "
+            + "; ".join(f"{label}{which_run(r)}" for label, r in labelled) + "._")
 
 
 def probe_note(result) -> str:
@@ -421,7 +437,7 @@ def long_context_every_policy(result, *more, speed_from_first=False) -> str:
         table = long_context_table(result)
     if more:
         head, rest = table.split("\n", 1)
-        table = f"{head} Windows added by: {'; '.join(where(m) for m in more)}\n{rest}"
+        table = f"{head} Windows added by: {where_each([('', m) for m in more])}\n{rest}"
     return table
 
 
@@ -669,7 +685,7 @@ def long_generation_table(result, *more) -> str:
         def contexts(r):
             return ", ".join(sorted({f"{round(run['context'] / 1024)}K {run['task']}"
                                      for run in r["runs"]}))
-        provenance = "; ".join(f"{contexts(r)}: {where(r)}" for r in results)
+        provenance = where_each([(f"{contexts(r)}: ", r) for r in results])
     lines = [f"{result['model'].split('/')[-1]}: {'; '.join(described)}. Full, SnapKV and "
              "RefreshKV continue one full prefill of each prompt; the others prefill their "
              f"own. {provenance}", "",
