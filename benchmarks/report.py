@@ -728,6 +728,20 @@ def cpu_attention_table(result) -> str:
     return "\n".join(lines)
 
 
+def h2o_prefill_table(result) -> str:
+    lines = [f"{result['model'].split('/')[-1]} prefill of the coreutils manual, best of "
+             f"{result['repeats']}: the whole cache (`full`), and H2O with its scores taken "
+             "from the attention's own exponentials (one pass, the default on the CPU) or "
+             f"scored again over every key (two passes, the path elsewhere). {where(result)}",
+             "", "| prompt tokens | full s | h2o one pass s | h2o two passes s "
+             "| two passes vs one | one pass vs full |", "|---:|---:|---:|---:|---:|---:|"]
+    for row in result["prefill"]:
+        one, two, full = row["h2o one pass"], row["h2o two passes"], row["full"]
+        lines.append(f"| {row['tokens']} | {full:.1f} | {one:.1f} | {two:.1f} | "
+                     f"{two / one:.2f}x | {one / full:.2f}x |")
+    return "\n".join(lines)
+
+
 def save_plot(fig, ax, name, *, xlabel, ylabel, title, legend=True) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -968,6 +982,7 @@ TABLES = {
                      "\n\n![FFN sparsity]({results}/ffn_sparsity.png)"),
     "ffn_sparsity_quick": ("ffn_sparsity_quick", ffn_sparsity_table, ""),
     "cpu_attention": ("cpu_attention", cpu_attention_table, ""),
+    "h2o_prefill": ("h2o_prefill", h2o_prefill_table, ""),
     "long_generation": ("long_generation",
                         lambda r: long_generation_table(
                             r, load("long_generation_20k"), load("long_generation_longform_8k"),

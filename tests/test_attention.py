@@ -131,3 +131,39 @@ def test_cpu_probabilities_match_mlx_scores_within_fp32_tolerance(monkeypatch, L
     assert mx.allclose(got, expected, atol=FP32_TOL, rtol=FP32_TOL).item()
     if masked:
         assert mx.all(mx.where(mask, 0.0, got) == 0).item()
+
+
+@pytest.mark.parametrize("L, N", [(300, 300), (700, 900)])
+@pytest.mark.parametrize("mask_kind", ["causal", "none", "per-head boolean"])
+def test_cpu_dense_and_received_is_dense_and_the_summed_probabilities(monkeypatch, L, N,
+                                                                     mask_kind):
+    # H2O's prompt chunks: one pass gives the output, bit for bit `dense`'s, and
+    # the attention each key received, MLX's softmax rows summed.
+    q, k, v = random_qkv(B=2, n_q_heads=14, n_kv_heads=2, L=L, N=N, D=64)
+    mask = cpu_attention_masks(14, L, N)[mask_kind]
+    out, got = cpu_attention.dense_and_received(q, k, v, scale=0.125, mask=mask)
+    assert mx.array_equal(out, cpu_attention.dense(q, k, v, scale=0.125, mask=mask))
+    causal = mx.arange(N)[None] <= mx.arange(N - L, N)[:, None]
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 1 << 62)
+    probs = attention.scores(q, k, 0.125, mask=causal if mask_kind == "causal" else mask)
+    expected = probs.sum(axis=2).reshape(2, 2, 7, N).sum(axis=2)
+    assert got.shape == (2, 2, N) and got.dtype == mx.float32
+    assert mx.allclose(got, expected, atol=FP32_TOL, rtol=FP32_TOL).item()
+    if mask_kind == "causal":  # the MLX path H2O takes elsewhere, SCORE_ROWS at a time
+        assert mx.allclose(attention.received(q, k, 0.125), expected,
+                           atol=FP32_TOL, rtol=FP32_TOL).item()
+
+
+def test_dense_and_received_routes_float32_to_one_pass(monkeypatch):
+    q, k, v = random_qkv(B=1, n_q_heads=8, n_kv_heads=2, L=64, N=512)
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
+    one_pass = []
+    fused = cpu_attention.dense_and_received
+    monkeypatch.setattr(cpu_attention, "dense_and_received",
+                        lambda *a, **kw: one_pass.append(1) or fused(*a, **kw))
+    attention.dense_and_received(q, k, v, scale=0.2, mask="causal")
+    half = [x.astype(mx.float16) for x in (q, k, v)]
+    out, got = attention.dense_and_received(*half, scale=0.2, mask="causal")
+    assert one_pass == [1]
+    assert mx.array_equal(out, attention.dense(*half, scale=0.2, mask="causal"))
+    assert mx.array_equal(got, attention.received(half[0], half[1], 0.2))

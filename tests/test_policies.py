@@ -4,7 +4,7 @@ sequence, evicts what its paper says, and stays correct under chunked prefill.""
 import mlx.core as mx
 import pytest
 
-from mlx_kvcache import UserError, make_cache
+from mlx_kvcache import UserError, cpu_attention, make_cache
 from mlx_kvcache.attention import group_max, pool_max
 from mlx_kvcache.generate import encode_prompt, generate, generate_step
 from mlx_kvcache.policies import fork, reads_prompts_at_any_budget, with_budget
@@ -377,3 +377,18 @@ def test_an_h2o_prefill_serves_every_budget_exactly():
     assert not reads_prompts_at_any_budget("streaming")
     with pytest.raises(ValueError, match="depends on its budget"):
         with_budget(track, model, "mixed", budget=30)
+
+
+def test_h2o_scores_alike_in_one_pass_and_in_two(monkeypatch):
+    # On the CPU a large float32 prompt chunk gets its output and H2O's scores
+    # from one pass (cpu_attention); elsewhere the rows are scored again.
+    model = tiny_model("llama3")
+    prompt = [(5 * i + 2) % 256 for i in range(120)]
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
+    one_logits, one = run_logits(model, "h2o", prompt, 12, chunk=40, budget=48)
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 1 << 62)
+    two_logits, two = run_logits(model, "h2o", prompt, 12, chunk=40, budget=48)
+    assert mx.allclose(one_logits, two_logits, atol=1e-4).item()
+    for a, b in zip(one, two):
+        assert mx.array_equal(a.kept_positions, b.kept_positions)
+        assert mx.allclose(a.accumulated, b.accumulated, atol=1e-4, rtol=1e-5).item()

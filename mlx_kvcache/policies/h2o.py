@@ -3,14 +3,12 @@ from typing import ClassVar, Optional
 
 import mlx.core as mx
 
-from mlx_kvcache.attention import dense, scores
+from mlx_kvcache.attention import dense_and_received, received
 from mlx_kvcache.quantized_kv import ExactRows
 
 from .budget import budget_field, budget_ratio_field, budget_rule, min_budget_field
 from .protocol import rotate
 from .registry import register
-
-SCORE_ROWS = 256
 
 
 @register
@@ -51,8 +49,8 @@ class H2OCache:
         queries, keys, values = self.store(queries, keys, values, rope)
         # Kept tokens are in position order until the first eviction; after it
         # only single-token steps come, which need no mask.
-        out = dense(queries, keys, values, scale=scale, mask=mask)
-        self.accumulate(queries, keys, scale)
+        out, received_now = dense_and_received(queries, keys, values, scale=scale, mask=mask)
+        self.accumulated += received_now
         if queries.shape[2] == 1:
             self.cut()
         return out
@@ -78,24 +76,7 @@ class H2OCache:
                 self.codec.decode(self.values, self.dtype))
 
     def accumulate(self, queries, keys, scale):
-        B, n_kv_heads, n, _ = keys.shape
-        L = queries.shape[2]
-        # A prompt chunk's score rows go SCORE_ROWS queries at a time: all of
-        # them at once ([Hq, L, n] float32) would double the prefill's peak
-        # (measured 262 MiB vs full's 125 on SmolLM2 at 1K).
-        for first in range(0, L, SCORE_ROWS):
-            rows = queries[:, :, first : first + SCORE_ROWS]
-            causal = None
-            if L > 1:
-                positions = mx.arange(n - L + first, n - L + first + rows.shape[2])
-                causal = mx.arange(n)[None] <= positions[:, None]
-            probs = scores(rows, keys, scale, mask=causal).sum(axis=2)
-            group = probs.shape[1] // n_kv_heads
-            self.accumulated += probs.reshape(B, n_kv_heads, group, -1).sum(axis=2)
-            if L > SCORE_ROWS:
-                # Else the lazy graph computes every chunk's rows before
-                # summing any (measured: peak 198 MiB vs full's 125 at 1K).
-                mx.eval(self.accumulated)
+        self.accumulated += received(queries, keys, scale)
 
     def cut(self):
         """Evict down to the budget; return the evicted (keys, values) as

@@ -1,0 +1,75 @@
+"""Linux CPU notes, measured: H2O's prefill with its scores taken in the same
+pass as the attention output, against a second pass that computes them again,
+beside the whole cache's prefill.
+
+H2O sums every prompt query's attention probabilities per key. On the CPU a
+large float32 prompt chunk's attention goes to numpy's softmax
+(`mlx_kvcache/cpu_attention.py`); `dense_and_received` takes the column sums
+from the same exponentials, where the second pass (`attention.received`, the
+path elsewhere) scores every row again over every key. This times both, and
+`full`, on Qwen2.5-Coder-0.5B's prefill of a stretch of the coreutils manual,
+interleaved in one process, best of `--repeats`. Writes
+benchmarks/results/h2o_prefill.{json,md}.
+
+    python benchmarks/h2o_prefill.py [--lengths 4096,8192] [--repeats 1]
+"""
+
+import argparse
+import time
+
+from common import write_result
+
+from mlx_kvcache import attention, cpu_attention, load, make_cache
+from mlx_kvcache.evaluate import prefill, read_text
+
+MODEL = "qwen2.5-coder-0.5b"
+TEXT = "/usr/share/info/coreutils.info.gz"
+PATHS = ("full", "h2o one pass", "h2o two passes")
+
+
+def two_passes(queries, keys, values, *, scale, mask=None):
+    return (cpu_attention.dense(queries, keys, values, scale=scale, mask=mask),
+            attention.received(queries, keys, scale))
+
+
+def prefill_seconds(model, tokens, path: str) -> float:
+    one_pass = cpu_attention.dense_and_received
+    if path == "h2o two passes":
+        cpu_attention.dense_and_received = two_passes
+    try:
+        # The prompt is read whole whatever the budget: H2O cuts at decode steps.
+        cache = (make_cache(model, "full") if path == "full"
+                 else make_cache(model, "h2o", budget_ratio=1 / 8))
+        start = time.perf_counter()
+        prefill(model, cache, tokens)
+        return time.perf_counter() - start
+    finally:
+        cpu_attention.dense_and_received = one_pass
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4096,8192")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    report = {"benchmark": "h2o_prefill", "model": MODEL, "repeats": args.repeats,
+              "prefill": []}
+    model, tokenizer = load(MODEL)
+    text = tokenizer.encode(read_text(TEXT)[30000:], add_special_tokens=False)
+    for length in (int(n) for n in args.lengths.split(",")):
+        times = {path: [] for path in PATHS}
+        for _ in range(args.repeats):
+            for path in PATHS:
+                times[path].append(prefill_seconds(model, text[:length], path))
+        row = {"tokens": length, **{path: min(t) for path, t in times.items()}}
+        report["prefill"].append(row)
+        print(f"{length} tokens: " + ", ".join(f"{p} {row[p]:.1f} s" for p in PATHS),
+              flush=True)
+        write_result("h2o_prefill", report)
+
+
+if __name__ == "__main__":
+    from mlx_kvcache.process import exit_now
+
+    main()
+    exit_now(0)
