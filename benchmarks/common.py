@@ -16,7 +16,9 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mlx_kvcache import load  # noqa: E402
 from mlx_kvcache.doctor import openblas_core  # noqa: E402
+from mlx_kvcache.evaluate import read_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,6 +65,30 @@ def write_result(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"provenance": provenance(), **data}, indent=2) + "\n")
     return path
+
+
+# The prompts the CPU path benchmarks prefill: a stretch of a real manual.
+PREFILL_TEXT = "/usr/share/info/coreutils.info.gz"
+
+
+def time_prefills(name: str, report: dict, lengths, repeats: int, paths, seconds) -> None:
+    """report["prefill"]: a row per prompt length with the best of `repeats`
+    of seconds(model, tokens, path) for each path, report["model"]'s prefill
+    of that many tokens of PREFILL_TEXT, the paths interleaved so that the
+    machine's drift falls on all of them alike; written after each length."""
+    model, tokenizer = load(report["model"])
+    text = tokenizer.encode(read_text(PREFILL_TEXT)[30000:], add_special_tokens=False)
+    report["prefill"] = []
+    for length in lengths:
+        times = {path: [] for path in paths}
+        for _ in range(repeats):
+            for path in paths:
+                times[path].append(seconds(model, text[:length], path))
+        row = {"tokens": length, **{path: min(t) for path, t in times.items()}}
+        report["prefill"].append(row)
+        print(f"{length} tokens: " + ", ".join(f"{p} {row[p]:.1f} s" for p in paths),
+              flush=True)
+        write_result(name, report)
 
 
 def load_result(name: str):

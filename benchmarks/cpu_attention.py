@@ -17,13 +17,12 @@ import time
 
 import mlx.core as mx
 import numpy as np
-from common import write_result
+from common import time_prefills
 
-from mlx_kvcache import cpu_attention, load, make_cache
-from mlx_kvcache.evaluate import prefill, read_text
+from mlx_kvcache import cpu_attention, make_cache
+from mlx_kvcache.evaluate import prefill
 
 MODEL = "qwen2.5-coder-0.5b"
-TEXT = "/usr/share/info/coreutils.info.gz"
 PATHS = ("mlx one op", "cpu streams", "numpy softmax")
 
 
@@ -68,23 +67,12 @@ def main():
               "mx_exp_per_s": rate(lambda: mx.exp(scores), scores.size),
               "mx_softmax_per_s": rate(lambda: mx.softmax(scores, axis=-1), scores.size),
               "numpy_exp_per_s": rate(lambda: (np.exp(scores_np, out=out_np), scores)[1],
-                                      scores.size),
-              "prefill": []}
+                                      scores.size)}
     print(f"mx.exp {report['mx_exp_per_s'] / 1e6:.0f} M/s, mx.softmax "
           f"{report['mx_softmax_per_s'] / 1e6:.0f} M/s, np.exp "
           f"{report['numpy_exp_per_s'] / 1e6:.0f} M/s", flush=True)
-    model, tokenizer = load(MODEL)
-    text = tokenizer.encode(read_text(TEXT)[30000:], add_special_tokens=False)
-    for length in (int(n) for n in args.lengths.split(",")):
-        times = {path: [] for path in PATHS}
-        for _ in range(args.repeats):
-            for path in PATHS:
-                times[path].append(prefill_seconds(model, text[:length], path))
-        row = {"tokens": length, **{path: min(t) for path, t in times.items()}}
-        report["prefill"].append(row)
-        print(f"{length} tokens: " + ", ".join(f"{p} {row[p]:.1f} s" for p in PATHS),
-              flush=True)
-        write_result("cpu_attention", report)
+    time_prefills("cpu_attention", report, [int(n) for n in args.lengths.split(",")], args.repeats,
+                  PATHS, prefill_seconds)
 
 
 if __name__ == "__main__":

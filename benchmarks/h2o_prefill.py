@@ -17,13 +17,12 @@ benchmarks/results/h2o_prefill.{json,md}.
 import argparse
 import time
 
-from common import write_result
+from common import time_prefills
 
-from mlx_kvcache import attention, cpu_attention, load, make_cache
-from mlx_kvcache.evaluate import prefill, read_text
+from mlx_kvcache import attention, cpu_attention, make_cache
+from mlx_kvcache.evaluate import prefill
 
 MODEL = "qwen2.5-coder-0.5b"
-TEXT = "/usr/share/info/coreutils.info.gz"
 PATHS = ("full", "h2o one pass", "h2o two passes")
 
 
@@ -52,20 +51,9 @@ def main():
     parser.add_argument("--lengths", default="4096,8192")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    report = {"benchmark": "h2o_prefill", "model": MODEL, "repeats": args.repeats,
-              "prefill": []}
-    model, tokenizer = load(MODEL)
-    text = tokenizer.encode(read_text(TEXT)[30000:], add_special_tokens=False)
-    for length in (int(n) for n in args.lengths.split(",")):
-        times = {path: [] for path in PATHS}
-        for _ in range(args.repeats):
-            for path in PATHS:
-                times[path].append(prefill_seconds(model, text[:length], path))
-        row = {"tokens": length, **{path: min(t) for path, t in times.items()}}
-        report["prefill"].append(row)
-        print(f"{length} tokens: " + ", ".join(f"{p} {row[p]:.1f} s" for p in PATHS),
-              flush=True)
-        write_result("h2o_prefill", report)
+    report = {"benchmark": "h2o_prefill", "model": MODEL, "repeats": args.repeats}
+    time_prefills("h2o_prefill", report, [int(n) for n in args.lengths.split(",")], args.repeats,
+                  PATHS, prefill_seconds)
 
 
 if __name__ == "__main__":
