@@ -1,14 +1,19 @@
 """Linux CPU notes, measured: H2O's prefill with its scores taken in the same
 pass as the attention output, against a second pass that computes them again,
-beside the whole cache's prefill.
+beside the whole cache's prefill; and mixed precision's, whose scores need
+their own pass, with numpy summing them or MLX.
 
 H2O sums every prompt query's attention probabilities per key. On the CPU a
 large float32 prompt chunk's attention goes to numpy's softmax
 (`mlx_kvcache/cpu_attention.py`); `dense_and_received` takes the column sums
 from the same exponentials, where the second pass (`attention.received`, the
-path elsewhere) scores every row again over every key. This times both, and
-`full`, on Qwen2.5-Coder-0.5B's prefill of a stretch of the coreutils manual,
-interleaved in one process, best of `--repeats`. Writes
+path elsewhere) scores every row again over every key. Mixed precision attends
+to every token but scores only its high-precision ones, so it always takes
+that second pass: numpy sums each block of rows (`cpu_attention.received`), or,
+as before it did, hands MLX the probabilities to sum
+(`attention.received_by_rows`). This times each, and `full`, on
+Qwen2.5-Coder-0.5B's prefill of a stretch of the coreutils manual, interleaved
+in one process, best of `--repeats`. Writes
 benchmarks/results/h2o_prefill.{json,md}.
 
     python benchmarks/h2o_prefill.py [--lengths 4096,8192] [--repeats 1]
@@ -23,7 +28,7 @@ from mlx_kvcache import attention, cpu_attention, make_cache
 from mlx_kvcache.evaluate import prefill
 
 MODEL = "qwen2.5-coder-0.5b"
-PATHS = ("full", "h2o one pass", "h2o two passes")
+PATHS = ("full", "h2o one pass", "h2o two passes", "mixed", "mixed, sums by MLX")
 
 
 def two_passes(queries, keys, values, *, scale, mask=None):
@@ -31,19 +36,27 @@ def two_passes(queries, keys, values, *, scale, mask=None):
             attention.received(queries, keys, scale))
 
 
+def sums_by_mlx(queries, keys, *, scale, mask=None):
+    return attention.received_by_rows(queries, keys, scale)
+
+
 def prefill_seconds(model, tokens, path: str) -> float:
-    one_pass = cpu_attention.dense_and_received
+    one_pass, numpy_sums = cpu_attention.dense_and_received, cpu_attention.received
     if path == "h2o two passes":
         cpu_attention.dense_and_received = two_passes
+    if path == "mixed, sums by MLX":
+        cpu_attention.received = sums_by_mlx
     try:
-        # The prompt is read whole whatever the budget: H2O cuts at decode steps.
-        cache = (make_cache(model, "full") if path == "full"
-                 else make_cache(model, "h2o", budget_ratio=1 / 8))
+        # H2O reads the prompt whole whatever the budget (it cuts at decode
+        # steps); mixed precision demotes after each prompt chunk.
+        policy = path.split()[0].rstrip(",")
+        cache = (make_cache(model, "full") if policy == "full"
+                 else make_cache(model, policy, budget_ratio=1 / 8))
         start = time.perf_counter()
         prefill(model, cache, tokens)
         return time.perf_counter() - start
     finally:
-        cpu_attention.dense_and_received = one_pass
+        cpu_attention.dense_and_received, cpu_attention.received = one_pass, numpy_sums
 
 
 def main():

@@ -155,7 +155,16 @@ def received(queries: mx.array, keys: mx.array, scale: float) -> mx.array:
     """The attention each key received from `queries`: softmax rows summed over
     the queries and over each KV head's group of query heads, [B, Hkv, N]
     float32 (H2O's heavy-hitter score). queries [B, Hq, L, D] are the last L of
-    the N keys [B, Hkv, N, D], causal when L > 1."""
+    the N keys [B, Hkv, N, D], causal when L > 1. A large float32 product on
+    the CPU: numpy sums each block of rows as it goes (`cpu_attention.received`)."""
+    if cpu_attention.worth_it(queries, keys.shape[2]) and cpu_attention.supported(queries, keys):
+        return cpu_attention.received(queries, keys, scale=scale,
+                                      mask="causal" if queries.shape[2] > 1 else None)
+    return received_by_rows(queries, keys, scale)
+
+
+def received_by_rows(queries: mx.array, keys: mx.array, scale: float) -> mx.array:
+    """`received` as MLX sums `scores`, SCORE_ROWS query rows at a time."""
     B, n_kv_heads, n, _ = keys.shape
     L = queries.shape[2]
     total = mx.zeros((B, n_kv_heads, n), mx.float32)

@@ -90,15 +90,42 @@ def dense_and_received(queries, keys, values, *, scale, mask=None):
     head's group of query heads, [B, Hkv, N] float32 (H2O's heavy-hitter
     score). One pass over the scores instead of a second that recomputes them
     (measured: H2O's 32K prefill took 43 minutes where full's took 12)."""
-    B, n_kv_heads, N = keys.shape[0], keys.shape[1], keys.shape[2]
-    n_blocks = -(-queries.shape[2] // BLOCK_ROWS)
-    # One row per block of queries: the blocks run on several threads at once.
-    received = np.zeros((B, n_kv_heads, n_blocks, N), np.float32)
+    received = _ReceivedSums(queries, keys)
     out = _dense(queries, keys, values, scale, mask, received)
-    return out, mx.array(received.sum(axis=2))
+    return out, received.total()
 
 
-def _dense(queries, keys, values, scale, mask, received) -> mx.array:
+def received(queries: mx.array, keys: mx.array, *, scale: float,
+             mask: Optional[Union[str, mx.array]] = None) -> mx.array:
+    """`dense_and_received`'s column sums alone, for scores taken over other
+    keys than the output's (mixed precision scores its high-precision tokens
+    only): no P·V, and no [Hq, L, N] probabilities handed back to MLX to sum
+    (benchmarks/h2o_prefill.py times both routes)."""
+    sums = _ReceivedSums(queries, keys)
+    _softmax_blocks(queries, keys, scale, mask, sums.add)
+    return sums.total()
+
+
+class _ReceivedSums:
+    """Σ over query rows of exp/denominator, per KV head and key, kept as one
+    row per block of queries: the blocks run on several threads at once."""
+
+    def __init__(self, queries: mx.array, keys: mx.array):
+        B, n_kv_heads, N = keys.shape[0], keys.shape[1], keys.shape[2]
+        n_blocks = -(-queries.shape[2] // BLOCK_ROWS)
+        self.rows = np.zeros((B, n_kv_heads, n_blocks, N), np.float32)
+
+    def add(self, b, h, start, end, exp_scores, denominators) -> None:
+        n_keys = exp_scores.shape[-1]
+        # One product: a row of weights times the [rows, keys] exponentials.
+        weights = (1 / denominators).reshape(1, -1)
+        self.rows[b, h, start // BLOCK_ROWS, :n_keys] = weights @ exp_scores.reshape(-1, n_keys)
+
+    def total(self) -> mx.array:
+        return mx.array(self.rows.sum(axis=2))
+
+
+def _dense(queries, keys, values, scale, mask, received: Optional[_ReceivedSums]) -> mx.array:
     B, n_q_heads, L, D = queries.shape
     v = np.array(values)
     out = np.empty((B, keys.shape[1], n_q_heads // keys.shape[1], L, D), np.float32)
@@ -108,11 +135,7 @@ def _dense(queries, keys, values, scale, mask, received) -> mx.array:
         o /= denominators
         out[b, h, :, start:end] = o
         if received is not None:
-            n_keys = exp_scores.shape[-1]
-            # Σ over rows of exp/denominator as one product: a row of weights
-            # times the [rows, keys] exponentials.
-            weights = (1 / denominators).reshape(1, -1)
-            received[b, h, start // BLOCK_ROWS, :n_keys] = weights @ exp_scores.reshape(-1, n_keys)
+            received.add(b, h, start, end, exp_scores, denominators)
 
     _softmax_blocks(queries, keys, scale, mask, attend)
     return mx.array(out.reshape(B, n_q_heads, L, D))

@@ -154,6 +154,30 @@ def test_cpu_dense_and_received_is_dense_and_the_summed_probabilities(monkeypatc
                            atol=FP32_TOL, rtol=FP32_TOL).item()
 
 
+@pytest.mark.parametrize("L, N", [(300, 300), (700, 900)])
+@pytest.mark.parametrize("mask_kind", ["causal", "none"])
+def test_cpu_received_is_dense_and_receiveds_sums(L, N, mask_kind):
+    # Mixed precision scores other keys than it attends to: the column sums
+    # alone, from the same blocks, so bit for bit the one pass's.
+    q, k, v = random_qkv(B=2, n_q_heads=14, n_kv_heads=2, L=L, N=N, D=64)
+    mask = cpu_attention_masks(14, L, N)[mask_kind]
+    _, expected = cpu_attention.dense_and_received(q, k, v, scale=0.125, mask=mask)
+    assert mx.array_equal(cpu_attention.received(q, k, scale=0.125, mask=mask), expected)
+
+
+def test_received_routes_large_float32_products_to_numpys_sums(monkeypatch):
+    q, k, _ = random_qkv(B=1, n_q_heads=8, n_kv_heads=2, L=64, N=512)
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
+    assert mx.array_equal(attention.received(q, k, 0.2),
+                          cpu_attention.received(q, k, scale=0.2, mask="causal"))
+    # One query (a decode step) has no causal mask.
+    assert mx.array_equal(attention.received(q[:, :, -1:], k, 0.2),
+                          cpu_attention.received(q[:, :, -1:], k, scale=0.2))
+    half = [x.astype(mx.float16) for x in (q, k)]
+    assert mx.array_equal(attention.received(*half, 0.2),
+                          attention.received_by_rows(*half, 0.2))
+
+
 def test_dense_and_received_routes_float32_to_one_pass(monkeypatch):
     q, k, v = random_qkv(B=1, n_q_heads=8, n_kv_heads=2, L=64, N=512)
     monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
