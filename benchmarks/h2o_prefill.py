@@ -6,14 +6,14 @@ their own pass, with numpy summing them or MLX.
 H2O sums every prompt query's attention probabilities per key. On the CPU a
 large float32 prompt chunk's attention goes to numpy's softmax
 (`mlx_kvcache/cpu_attention.py`); `dense_and_received` takes the column sums
-from the same exponentials, where the second pass (`attention.received`, the
-path elsewhere) scores every row again over every key. Mixed precision attends
-to every token but scores only its high-precision ones, so it always takes
-that second pass: numpy sums each block of rows (`cpu_attention.received`), or,
-as before it did, hands MLX the probabilities to sum
-(`attention.received_by_rows`). This times each, and `full`, on
-Qwen2.5-Coder-0.5B's prefill of a stretch of the coreutils manual, interleaved
-in one process, best of `--repeats`. Writes
+from the same exponentials, where the second pass
+(`attention.received_by_rows`, the path elsewhere) scores every row again over
+every key, MLX summing the probabilities. Mixed precision attends to every
+token but scores only its high-precision ones, so its scores always take a pass
+of their own: numpy sums each block of rows as it goes (`cpu_attention.received`,
+now), or MLX sums the probabilities (`attention.received_by_rows`, before). This
+times each, and `full`, on Qwen2.5-Coder-0.5B's prefill of a stretch of the
+coreutils manual, interleaved in one process, best of `--repeats`. Writes
 benchmarks/results/h2o_prefill.{json,md}.
 
     python benchmarks/h2o_prefill.py [--lengths 4096,8192] [--repeats 1]
@@ -33,7 +33,7 @@ PATHS = ("full", "h2o one pass", "h2o two passes", "mixed", "mixed, sums by MLX"
 
 def two_passes(queries, keys, values, *, scale, mask=None):
     return (cpu_attention.dense(queries, keys, values, scale=scale, mask=mask),
-            attention.received(queries, keys, scale))
+            attention.received_by_rows(queries, keys, scale))
 
 
 def sums_by_mlx(queries, keys, *, scale, mask=None):
