@@ -28,7 +28,6 @@ from mlx_kvcache import attention, cpu_attention, make_cache
 from mlx_kvcache.evaluate import prefill
 
 MODEL = "qwen2.5-coder-0.5b"
-PATHS = ("full", "h2o one pass", "h2o two passes", "mixed", "mixed, sums by MLX")
 
 
 def two_passes(queries, keys, values, *, scale, mask=None):
@@ -40,23 +39,32 @@ def sums_by_mlx(queries, keys, *, scale, mask=None):
     return attention.received_by_rows(queries, keys, scale)
 
 
+# Each path: the cache it prefills, and the cpu_attention functions it replaces.
+PATHS = {
+    "full": ("full", {}),
+    "h2o one pass": ("h2o", {}),
+    "h2o two passes": ("h2o", {"dense_and_received": two_passes}),
+    "mixed": ("mixed", {}),
+    "mixed, sums by MLX": ("mixed", {"received": sums_by_mlx}),
+}
+
+
 def prefill_seconds(model, tokens, path: str) -> float:
-    one_pass, numpy_sums = cpu_attention.dense_and_received, cpu_attention.received
-    if path == "h2o two passes":
-        cpu_attention.dense_and_received = two_passes
-    if path == "mixed, sums by MLX":
-        cpu_attention.received = sums_by_mlx
+    policy, replaced = PATHS[path]
+    kept = {name: getattr(cpu_attention, name) for name in replaced}
+    for name, function in replaced.items():
+        setattr(cpu_attention, name, function)
     try:
         # H2O reads the prompt whole whatever the budget (it cuts at decode
         # steps); mixed precision demotes after each prompt chunk.
-        policy = path.split()[0].rstrip(",")
         cache = (make_cache(model, "full") if policy == "full"
                  else make_cache(model, policy, budget_ratio=1 / 8))
         start = time.perf_counter()
         prefill(model, cache, tokens)
         return time.perf_counter() - start
     finally:
-        cpu_attention.dense_and_received, cpu_attention.received = one_pass, numpy_sums
+        for name, function in kept.items():
+            setattr(cpu_attention, name, function)
 
 
 def main():

@@ -729,12 +729,13 @@ def cpu_attention_table(result) -> str:
 
 
 def h2o_prefill_table(result) -> str:
+    with_mixed = "mixed" in result["prefill"][0]  # runs before mixed precision's paths lack it
     lines = [f"{result['model'].split('/')[-1]} prefill of the coreutils manual, best of "
              f"{result['repeats']}: the whole cache (`full`), and H2O with its scores taken "
              "from the attention's own exponentials (one pass, the default on the CPU) or "
              f"scored again over every key (two passes, the path elsewhere)"
              + ("; mixed precision (L/8, 4-bit rest), its scores summed block by block by "
-                "numpy or handed to MLX to sum" if "mixed" in result["prefill"][0] else "")
+                "numpy or handed to MLX to sum" if with_mixed else "")
              + f". {where(result)}",
              "", "| prompt tokens | full s | h2o one pass s | h2o two passes s "
              "| two passes vs one | one pass vs full |", "|---:|---:|---:|---:|---:|---:|"]
@@ -742,7 +743,7 @@ def h2o_prefill_table(result) -> str:
         one, two, full = row["h2o one pass"], row["h2o two passes"], row["full"]
         lines.append(f"| {row['tokens']} | {full:.1f} | {one:.1f} | {two:.1f} | "
                      f"{two / one:.2f}x | {one / full:.2f}x |")
-    if "mixed" not in result["prefill"][0]:
+    if not with_mixed:
         return "\n".join(lines)
     lines += ["", "| prompt tokens | mixed, numpy's sums s | mixed, MLX's sums s "
               "| MLX's vs numpy's | numpy's vs full |", "|---:|---:|---:|---:|---:|"]
