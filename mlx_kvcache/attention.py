@@ -132,7 +132,7 @@ def scores(
     float32 (one row on a refresh step). A large float32 product on the CPU:
     numpy's softmax (`cpu_attention.probabilities`), as in `dense`.
     """
-    if cpu_attention.worth_it(queries, keys.shape[2]) and cpu_attention.supported(queries, keys):
+    if cpu_attention.takes(queries, keys.shape[2], keys):
         return cpu_attention.probabilities(queries, keys, scale=scale, mask=mask)
     B, n_q_heads, L, D = queries.shape
     n_kv_heads = keys.shape[1]
@@ -157,7 +157,7 @@ def received(queries: mx.array, keys: mx.array, scale: float) -> mx.array:
     float32 (H2O's heavy-hitter score). queries [B, Hq, L, D] are the last L of
     the N keys [B, Hkv, N, D], causal when L > 1. A large float32 product on
     the CPU: numpy sums each block of rows as it goes (`cpu_attention.received`)."""
-    if cpu_attention.worth_it(queries, keys.shape[2]) and cpu_attention.supported(queries, keys):
+    if cpu_attention.takes(queries, keys.shape[2], keys):
         return cpu_attention.received(queries, keys, scale=scale,
                                       mask="causal" if queries.shape[2] > 1 else None)
     return received_by_rows(queries, keys, scale)
@@ -189,8 +189,7 @@ def dense_and_received(queries, keys, values, *, scale: float,
     gets both from one pass over the scores (`cpu_attention`), else `received`
     scores the rows again. mask as in `dense` (the policies pass "causal" for a
     prompt chunk, None for one token)."""
-    if cpu_attention.worth_it(queries, keys.shape[2]) and cpu_attention.supported(
-            queries, keys, values):
+    if cpu_attention.takes(queries, keys.shape[2], keys, values):
         return cpu_attention.dense_and_received(queries, keys, values, scale=scale, mask=mask)
     return dense(queries, keys, values, scale=scale, mask=mask), received(queries, keys, scale)
 

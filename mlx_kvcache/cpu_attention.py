@@ -67,6 +67,12 @@ def supported(*arrays: mx.array) -> bool:
     return all(a.dtype == mx.float32 for a in arrays)
 
 
+def takes(queries: mx.array, n_keys: int, *others: mx.array) -> bool:
+    """Whether attention of `queries` over `n_keys` keys goes to numpy here:
+    a product `worth_it` whose `queries` and `others` are all `supported`."""
+    return worth_it(queries, n_keys) and supported(queries, *others)
+
+
 def dense(
     queries: mx.array,
     keys: mx.array,

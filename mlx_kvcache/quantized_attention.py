@@ -235,7 +235,7 @@ def blocked_attention(queries: mx.array, blocks, n_keys: int, scale: float,
     a large float32 chunk: every row dequantized, then cpu_attention's blocks).
     """
     L = queries.shape[2]
-    if L > 1 and cpu_attention.worth_it(queries, n_keys) and cpu_attention.supported(queries):
+    if L > 1 and cpu_attention.takes(queries, n_keys):
         # MLX's CPU exp is scalar (~40 M/s; numpy's ~1,100 M/s): dequantize
         # the blocks once and let dense attention take the numpy softmax. The
         # rows are float32 [B, Hkv, n_keys, D], 2 x 16 MiB a layer at 32K
